@@ -1,0 +1,323 @@
+"""Configuration: defaults, YAML files, `--set` overrides and validation.
+
+The defaults live in one file, `configs/defaults.yaml`, which doubles as the reference listing every key. A resolved
+config is built in three layers, later ones winning:
+
+    configs/defaults.yaml  <-  each --config file, in order  <-  each --set key.sub=value, in order
+
+Every value remembers where it came from, so a bad value is reported as, for example:
+
+    configs/mine.yaml: data.batch_size must be an integer >= 1. Received: 0
+
+Example:
+
+    >>> cfg = resolve(["configs/smoke.yaml"], ["training.epochs=1"])
+    >>> cfg["training"]["epochs"]
+    1
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import yaml
+
+from cnnlab.errors import UserError
+
+DEFAULTS_FILE = Path(__file__).resolve().parent.parent / "configs" / "defaults.yaml"
+
+
+def load_defaults() -> dict:
+    """Returns a fresh copy of the defaults from `configs/defaults.yaml`."""
+    with open(DEFAULTS_FILE) as f:
+        return yaml.safe_load(f)
+
+
+def _read_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: config file not found.")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise UserError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a config file must hold a mapping of sections. Received: {type(data).__name__}")
+    return data
+
+
+def _closest(key: str, candidates: Iterable[str]) -> str:
+    match = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.5)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def _merge(base: dict, override: dict, origin: str, origins: dict, prefix: str = "") -> None:
+    """Merges `override` into `base` in place, refusing keys `base` does not have."""
+    for key, value in override.items():
+        dotted = f"{prefix}{key}"
+        if key not in base:
+            allowed = [f"{prefix}{k}" for k in base]
+            raise UserError(f"{origin}: unknown key '{dotted}'{_closest(dotted, allowed)}")
+        if isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise UserError(f"{origin}: {dotted} must be a mapping of keys. Received: {value!r}")
+            _merge(base[key], value, origin, origins, dotted + ".")
+        else:
+            base[key] = value
+            origins[dotted] = origin
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    """Parses one `--set key.sub=value` into its dotted key and YAML-parsed value."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {item}: expected key.sub=value.")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _nest(dotted: str, value: Any) -> dict:
+    out: Any = value
+    for part in reversed(dotted.split(".")):
+        out = {part: out}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation. Types come from the defaults; the rules below add what a type cannot say (choices, ranges, nulls).
+# A rule returns None when the value is fine, else the "must be ..." phrase. Keys with `*` match any family.
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _choice(*allowed: str) -> Callable:
+    return lambda v: None if v in allowed else "one of " + ", ".join(repr(a) for a in allowed)
+
+
+def _int_at_least(low: int) -> Callable:
+    return lambda v: None if _is_int(v) and v >= low else f"an integer >= {low}"
+
+
+def _num_in(low: float, high: float, low_open=False, high_open=True) -> Callable:
+    def rule(v):
+        ok = _is_num(v) and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+        return None if ok else f"a number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+    return rule
+
+
+def _size(nullable: bool) -> Callable:
+    def rule(v):
+        if v is None and nullable:
+            return None
+        if _is_int(v) and v >= 1:
+            return None
+        if isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x >= 1 for x in v):
+            return None
+        return "[height, width] (or one integer) of positive integers" + (", or null" if nullable else "")
+
+    return rule
+
+
+def _optional_str(v):
+    return None if v is None or isinstance(v, str) else "a string or null"
+
+
+def _positive_number(v):
+    return None if _is_num(v) and v > 0 else "a number > 0"
+
+
+def _per_stage(check: Callable) -> Callable:
+    """A model key that takes one value for every stage, or a list with one value per stage."""
+
+    def rule(v):
+        values = v if isinstance(v, list) else [v]
+        if not values:
+            return "a value or a non-empty list"
+        for item in values:
+            problem = check(item)
+            if problem:
+                return f"{problem} (or a list of them, one per stage)"
+        return None
+
+    return rule
+
+
+RULES: dict[str, Callable] = {
+    "data.source": _choice("tfds", "folder", "synthetic"),
+    "data.data_dir": _optional_str,
+    "data.path": _optional_str,
+    "data.image_size": _size(nullable=False),
+    "data.batch_size": _int_at_least(1),
+    "data.validation_split": _num_in(0, 1, low_open=True),
+    "data.test_split": _num_in(0, 1),
+    "data.shuffle_buffer": _int_at_least(1),
+    "data.on_bad_image": _choice("skip", "fail"),
+    "data.synthetic_size": _int_at_least(8),
+    "data.synthetic_classes": _int_at_least(2),
+    "augment.flip": _choice("none", "horizontal", "vertical", "horizontal_and_vertical"),
+    "augment.crop": _size(nullable=True),
+    "augment.rotation": _num_in(0, 1),
+    "augment.zoom": _num_in(0, 1),
+    "augment.contrast": _num_in(0, 1),
+    "model.head_dropout": _num_in(0, 1),
+    "model.*.filters": _per_stage(_int_at_least(1)),
+    "model.*.blocks": _per_stage(_int_at_least(1)),
+    "model.*.kernel_size": _per_stage(_int_at_least(1)),
+    "model.*.strides": _per_stage(_int_at_least(1)),
+    "model.*.dilation_rate": _per_stage(_int_at_least(1)),
+    "model.*.padding": _per_stage(_choice("same", "valid")),
+    "model.*.pooling": _per_stage(_choice("max", "avg", "none")),
+    "model.*.dropout": _per_stage(_num_in(0, 1)),
+    "model.*.batch_norm": _per_stage(lambda v: None if isinstance(v, bool) else "true or false"),
+    "model.*.weight_decay": _num_in(0, 1),
+    "training.epochs": _int_at_least(1),
+    "training.optimizer": _choice("adam", "adamw", "sgd", "rmsprop"),
+    "training.learning_rate": _positive_number,
+    "training.schedule": _choice("constant", "cosine"),
+    "training.warmup_epochs": _int_at_least(0),
+    "training.weight_decay": _num_in(0, 1),
+    "training.momentum": _num_in(0, 1),
+    "training.label_smoothing": _num_in(0, 1),
+    "run.name": _optional_str,
+    "run.seed": _int_at_least(0),
+    "runtime.precision": _choice("float32", "mixed_float16", "mixed_bfloat16"),
+}
+
+
+def _type_problem(value: Any, default: Any) -> str | None:
+    """What `value` must be, judged by the type of the default, or None when it fits."""
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "true or false"
+    if isinstance(default, int):
+        return None if _is_int(value) else "an integer"
+    if isinstance(default, float):
+        return None if _is_num(value) else "a number"
+    if isinstance(default, str):
+        return None if isinstance(value, str) else "a string"
+    if isinstance(default, list):
+        if not isinstance(value, list):
+            return "a list"
+        if default:
+            for item in value:
+                problem = _type_problem(item, default[0])
+                if problem:
+                    return f"a list whose items are each {problem}"
+    return None
+
+
+def _rule_for(dotted: str) -> Callable | None:
+    if dotted in RULES:
+        return RULES[dotted]
+    parts = dotted.split(".")
+    if len(parts) == 3 and parts[0] == "model":
+        return RULES.get(f"model.*.{parts[2]}")
+    return None
+
+
+def _validate(cfg: dict, defaults: dict, origins: dict, prefix: str = "") -> None:
+    for key, default in defaults.items():
+        dotted = f"{prefix}{key}"
+        value = cfg[key]
+        if isinstance(default, dict):
+            _validate(value, default, origins, dotted + ".")
+            continue
+        rule = _rule_for(dotted)
+        problem = rule(value) if rule else _type_problem(value, default)
+        if problem:
+            origin = origins.get(dotted, str(DEFAULTS_FILE))
+            raise UserError(f"{origin}: {dotted} must be {problem}. Received: {value!r}")
+
+
+def _check_cross_keys(cfg: dict, origins: dict) -> None:
+    def fail(key, message):
+        raise UserError(f"{origins.get(key, str(DEFAULTS_FILE))}: {message}")
+
+    model = cfg["model"]
+    if model["name"] not in model or not isinstance(model[model["name"]], dict):
+        families = [k for k, v in model.items() if isinstance(v, dict)]
+        fail("model.name", f"model.name must be one of {', '.join(families)}. Received: {model['name']!r}")
+    data = cfg["data"]
+    if data["source"] == "folder":
+        if not data["path"]:
+            fail("data.source", "data.source is 'folder' but data.path is not set; pass --set data.path=DIR.")
+        if not os.path.isdir(data["path"]):
+            fail("data.path", f"data.path must be an existing folder. Received: {data['path']!r}")
+    if data["validation_split"] + data["test_split"] >= 1:
+        fail("data.test_split", "data.validation_split + data.test_split must be < 1. "
+             f"Received: {data['validation_split']} + {data['test_split']}")
+    if cfg["training"]["warmup_epochs"] >= cfg["training"]["epochs"] > 1:
+        fail("training.warmup_epochs", "training.warmup_epochs must be < training.epochs. "
+             f"Received: {cfg['training']['warmup_epochs']}")
+    crop = cfg["augment"]["crop"]
+    if crop is not None:
+        h, w = as_size(crop)
+        ih, iw = as_size(data["image_size"])
+        if h > ih or w > iw:
+            fail("augment.crop", f"augment.crop must fit inside data.image_size {[ih, iw]}. Received: {crop!r}")
+
+
+def as_size(value: int | list) -> tuple[int, int]:
+    """Normalises an image size given as `n` or `[h, w]` to `(h, w)`."""
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def resolve(config_files: list[str], overrides: list[str] = (), base: dict | None = None) -> dict:
+    """Builds a validated config from the defaults, config files and `--set` overrides.
+
+    Args:
+        config_files: YAML files applied in order; later files override earlier ones.
+        overrides: `key.sub=value` strings, applied after the files; values are parsed as YAML.
+        base: a complete config to start from instead of the defaults (e.g. a run's saved config.yaml).
+
+    Returns:
+        The resolved config as nested dicts.
+
+    Raises:
+        UserError: one line naming the file or flag, the key, what is allowed and what was received.
+    """
+    cfg = copy.deepcopy(base) if base is not None else load_defaults()
+    origins: dict[str, str] = {}
+    for path in config_files:
+        _merge(cfg, _read_yaml(path), path, origins)
+    for item in overrides:
+        key, value = parse_set(item)
+        _merge(cfg, _nest(key, value), f"--set {item}", origins)
+    _validate(cfg, load_defaults(), origins)
+    _check_cross_keys(cfg, origins)
+    return cfg
+
+
+def dump(cfg: dict) -> str:
+    """The config as YAML text, in the defaults' key order."""
+    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
+
+
+def resolve_for_run(config_files: list[str], overrides: list[str], resume: str | bool | None = None) -> dict:
+    """The config of a training command: a run's saved config.yaml when resuming RUN_DIR, else the defaults;
+    then the --config files and the --set overrides on top."""
+    if isinstance(resume, str):
+        saved = Path(resume) / "config.yaml"
+        if not saved.is_file():
+            raise UserError(f"--resume: {resume} is not a run directory (no config.yaml).")
+        return resolve(config_files, overrides, base=resolve([str(saved)]))
+    if not config_files:
+        raise UserError("give --config FILE (e.g. --config configs/smoke.yaml), or --resume RUN_DIR.")
+    return resolve(config_files, overrides)

@@ -1,0 +1,326 @@
+"""Data sources (tfds | folder | synthetic) turned into batched tf.data pipelines.
+
+Every source ends in the same shape of pipeline: `(image, label)` pairs where `image` is float32 in [0, 255] at
+`data.image_size` and `label` is float32, shaped `(1,)` for two classes (sigmoid output) or one-hot for more.
+Normalisation and augmentation are not done here: they are layers of the model, so a saved model carries them and
+prediction uses exactly the preprocessing training used.
+
+Example:
+
+    >>> ds = build_datasets(cfg["data"], seed=42)
+    >>> ds.class_names
+    ['cats', 'dogs']
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+
+from cnnlab.config import as_size
+from cnnlab.errors import UserError
+
+AUTOTUNE = tf.data.AUTOTUNE
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+
+
+@dataclass
+class Datasets:
+    """The batched splits of one source and what they hold."""
+
+    train: tf.data.Dataset
+    val: tf.data.Dataset
+    test: tf.data.Dataset | None
+    class_names: list[str]
+    image_size: tuple[int, int]
+    num_train: int
+    num_val: int
+    num_test: int
+    batch_size: int
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, math.ceil(self.num_train / self.batch_size))
+
+
+def encode_labels(labels: tf.Tensor, num_classes: int) -> tf.Tensor:
+    """Integer class ids to what the loss expects: `(1,)` floats for two classes, one-hot for more."""
+    if num_classes == 2:
+        return tf.cast(tf.expand_dims(labels, -1), tf.float32)
+    return tf.one_hot(labels, num_classes, dtype=tf.float32)
+
+
+def decode_and_resize(contents: tf.Tensor, image_size: tuple[int, int]) -> tf.Tensor:
+    """Decodes JPEG, PNG, BMP or GIF bytes (whatever the file is called) to a uint8 RGB image of `image_size`."""
+    image = tf.io.decode_image(contents, channels=3, expand_animations=False)
+    image = tf.image.resize(image, image_size)
+    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def _finish(ds: tf.data.Dataset, *, training: bool, cache: str, batch_size: int, num_classes: int,
+            shuffle_buffer: int, seed: int) -> tf.data.Dataset:
+    """Cache decoded images, shuffle (training only), batch, convert and prefetch."""
+    if cache == "memory":
+        ds = ds.cache()
+    elif cache != "none":
+        ds = ds.cache(cache)
+    if training:
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), encode_labels(y, num_classes)), num_parallel_calls=AUTOTUNE)
+    return ds.prefetch(AUTOTUNE)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# folder
+
+
+def _class_dirs(split_dir: str) -> list[str]:
+    return sorted(
+        d for d in os.listdir(split_dir) if not d.startswith(".") and os.path.isdir(os.path.join(split_dir, d))
+    )
+
+
+def list_images(split_dir: str, class_names: list[str] | None = None) -> tuple[list[str], list[int], list[str]]:
+    """Image files under `split_dir/<class>/`, with their class ids and the sorted class names.
+
+    Hidden files and files without an image extension are left out.
+    """
+    found = _class_dirs(split_dir)
+    if class_names is None:
+        class_names = found
+    if not class_names:
+        raise UserError(f"data.path: {split_dir} holds no class sub-folders (expected e.g. cats/ and dogs/).")
+    if found != class_names:
+        raise UserError(f"data.path: {split_dir} has classes {found}, but the training split has {class_names}.")
+    paths, labels = [], []
+    for label, name in enumerate(class_names):
+        class_dir = os.path.join(split_dir, name)
+        files = sorted(
+            f for f in os.listdir(class_dir)
+            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
+            and os.path.isfile(os.path.join(class_dir, f))
+        )
+        if not files:
+            raise UserError(f"data.path: class folder {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
+        paths += [os.path.join(class_dir, f) for f in files]
+        labels += [label] * len(files)
+    return paths, labels, class_names
+
+
+def find_split_dirs(root: str) -> dict[str, str]:
+    """`{"train": ..., "val": ..., "test": ...}` for the split folders a root has (val also from validation/)."""
+    splits = {}
+    for split, names in (("train", ["train"]), ("val", ["val", "validation"]), ("test", ["test"])):
+        for name in names:
+            if os.path.isdir(os.path.join(root, name)):
+                splits[split] = os.path.join(root, name)
+                break
+    return splits
+
+
+def _stratified_split(paths, labels, fraction: float, seed: int):
+    """Deterministically holds out `fraction` of each class."""
+    rng = np.random.default_rng(seed)
+    keep, held = [], []
+    labels_arr = np.asarray(labels)
+    for label in np.unique(labels_arr):
+        idx = np.flatnonzero(labels_arr == label)
+        rng.shuffle(idx)
+        n_held = max(1, int(round(len(idx) * fraction)))
+        held += idx[:n_held].tolist()
+        keep += idx[n_held:].tolist()
+    pick = lambda idx: ([paths[i] for i in sorted(idx)], [labels[i] for i in sorted(idx)])  # noqa: E731
+    return pick(keep), pick(held)
+
+
+def folder_files(data_cfg: dict, seed: int) -> tuple[dict[str, tuple[list[str], list[int]]], list[str]]:
+    """The files and labels of each split of a folder source, and the class names."""
+    root = data_cfg["path"]
+    split_dirs = find_split_dirs(root)
+    if "train" in split_dirs:
+        if "val" not in split_dirs:
+            paths, labels, class_names = list_images(split_dirs["train"])
+            train, val = _stratified_split(paths, labels, data_cfg["validation_split"], seed)
+            splits = {"train": train, "val": val}
+        else:
+            paths, labels, class_names = list_images(split_dirs["train"])
+            splits = {"train": (paths, labels)}
+            splits["val"] = list_images(split_dirs["val"], class_names)[:2]
+        if "test" in split_dirs:
+            splits["test"] = list_images(split_dirs["test"], class_names)[:2]
+    else:
+        paths, labels, class_names = list_images(root)
+        train, val = _stratified_split(paths, labels, data_cfg["validation_split"], seed)
+        splits = {"train": train, "val": val}
+    if len(class_names) < 2:
+        raise UserError(f"data.path: {root} must hold at least two class folders. Received: {class_names}")
+    return splits, class_names
+
+
+def _folder_dataset(paths: list[str], labels: list[int], image_size) -> tf.data.Dataset:
+    ds = tf.data.Dataset.from_tensor_slices((paths, np.asarray(labels, np.int32)))
+    ds = ds.map(lambda p, y: (decode_and_resize(tf.io.read_file(p), image_size), y), num_parallel_calls=AUTOTUNE)
+    # A file that passed the listing but fails to decode is dropped rather than ending the epoch.
+    return ds.ignore_errors()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# synthetic
+
+
+def synthetic_images(n: int, image_size, num_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Images of oriented stripes, the orientation set by the class, with random frequency, phase, colour and noise.
+
+    Class `c` has stripes at about `c * 180 / num_classes` degrees (±10), so a small CNN must learn oriented edge
+    filters to tell the classes apart, which is what the first layer of a real image model learns too.
+    """
+    rng = np.random.default_rng(seed)
+    h, w = image_size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    labels = rng.integers(0, num_classes, size=n).astype(np.int32)
+    angles = labels * np.pi / num_classes + rng.uniform(-np.pi / 18, np.pi / 18, size=n)
+    freq = rng.uniform(0.15, 0.35, size=n)
+    phase = rng.uniform(0, 2 * np.pi, size=n)
+    coords = np.cos(angles)[:, None, None] * xx + np.sin(angles)[:, None, None] * yy
+    wave = 0.5 + 0.5 * np.sin(freq[:, None, None] * coords + phase[:, None, None])
+    fg = rng.uniform(0, 255, size=(n, 1, 1, 3))
+    bg = rng.uniform(0, 255, size=(n, 1, 1, 3))
+    images = wave[..., None] * fg + (1 - wave[..., None]) * bg + rng.normal(0, 12, size=(n, h, w, 3))
+    return np.clip(images, 0, 255).astype(np.uint8), labels
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tfds
+
+_TFDS_HOSTS = ("storage.googleapis.com", "download.microsoft.com")
+
+
+def _online(hosts=_TFDS_HOSTS, timeout: float = 3.0) -> bool:
+    for host in hosts:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def _tfds_splits(data_cfg: dict, builder) -> dict[str, str]:
+    available = set(builder.info.splits.keys())
+    splits = {"train": "train"}
+    val_pct = int(round(data_cfg["validation_split"] * 100))
+    test_pct = int(round(data_cfg["test_split"] * 100))
+    # Carve what the dataset lacks from the end of its train split, deterministically, by split slicing.
+    carve = 0
+    if "test" in available:
+        splits["test"] = "test"
+    elif test_pct:
+        carve += test_pct
+        splits["test"] = f"train[{100 - test_pct}%:]"
+    if "validation" in available:
+        splits["val"] = "validation"
+    else:
+        splits["val"] = f"train[{100 - carve - val_pct}%:{100 - carve}%]"
+        carve += val_pct
+    if carve:
+        splits["train"] = f"train[:{100 - carve}%]"
+    return splits
+
+
+def tfds_builder(data_cfg: dict):
+    """The TFDS builder for `data.name`, prepared (downloaded) if needed; offline, fails fast with what to do."""
+    import tensorflow_datasets as tfds
+
+    name = data_cfg["name"]
+    try:
+        builder = tfds.builder(name, data_dir=data_cfg["data_dir"])
+    except Exception as e:  # TFDS raises several types for unknown names
+        raise UserError(f"data.name: TFDS has no dataset {name!r} ({type(e).__name__}).") from None
+    if not builder.is_prepared():
+        if not _online():
+            raise UserError(
+                f"data.source=tfds: TFDS dataset {name!r} is not in {builder.data_dir} and its download servers "
+                "cannot be reached; use a local copy with --set data.source=folder --set data.path=DIR "
+                "(DIR/train/<class>/*.jpg, DIR/val/<class>/*.jpg), or set data.data_dir to a prepared TFDS folder."
+            )
+        builder.download_and_prepare()
+    return builder
+
+
+def _tfds_datasets(data_cfg: dict, image_size, seed: int):
+    builder = tfds_builder(data_cfg)
+    split_names = _tfds_splits(data_cfg, builder)
+    label_feature = builder.info.features["label"]
+    out = {}
+    for split, spec in split_names.items():
+        ds = builder.as_dataset(split=spec, as_supervised=True, shuffle_files=False)
+        ds = ds.map(lambda x, y: (decode_and_resize_tensor(x, image_size), tf.cast(y, tf.int32)),
+                    num_parallel_calls=AUTOTUNE)
+        out[split] = (ds.ignore_errors(), builder.info.splits[spec].num_examples)
+    return out, list(label_feature.names)
+
+
+def decode_and_resize_tensor(image: tf.Tensor, image_size) -> tf.Tensor:
+    """Resizes an already decoded image (as TFDS gives) to a uint8 RGB image of `image_size`."""
+    if image.shape.rank == 3 and image.shape[-1] == 1:
+        image = tf.image.grayscale_to_rgb(image)
+    image = tf.image.resize(image, image_size)
+    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def build_datasets(data_cfg: dict, seed: int) -> Datasets:
+    """Builds the train, val and (where the source has one) test pipelines of the `data` config section.
+
+    Args:
+        data_cfg: the `data` section of a resolved config.
+        seed: shuffling and split seed (the run seed).
+
+    Returns:
+        A `Datasets` with batched pipelines and the class names.
+
+    Raises:
+        UserError: a missing or malformed folder, an unknown or unreachable TFDS dataset.
+    """
+    image_size = as_size(data_cfg["image_size"])
+    source = data_cfg["source"]
+    unbatched: dict[str, tuple[tf.data.Dataset, int]] = {}
+    if source == "synthetic":
+        n = data_cfg["synthetic_size"]
+        k = data_cfg["synthetic_classes"]
+        for i, (split, size) in enumerate((("train", n), ("val", n // 4), ("test", n // 4))):
+            images, labels = synthetic_images(size, image_size, k, seed + 1000 * i)
+            unbatched[split] = (tf.data.Dataset.from_tensor_slices((images, labels)), size)
+        class_names = [f"orientation_{round(c * 180 / k)}deg" for c in range(k)]
+    elif source == "folder":
+        files, class_names = folder_files(data_cfg, seed)
+        for split, (paths, labels) in files.items():
+            unbatched[split] = (_folder_dataset(paths, labels, image_size), len(paths))
+    else:
+        unbatched, class_names = _tfds_datasets(data_cfg, image_size, seed)
+
+    cache = data_cfg["cache"]
+    built = {}
+    for split, (ds, _) in unbatched.items():
+        split_cache = cache if cache in ("memory", "none") else f"{cache}.{split}"
+        built[split] = _finish(
+            ds, training=split == "train", cache=split_cache, batch_size=data_cfg["batch_size"],
+            num_classes=len(class_names), shuffle_buffer=data_cfg["shuffle_buffer"], seed=seed,
+        )
+    return Datasets(
+        train=built["train"], val=built["val"], test=built.get("test"), class_names=class_names,
+        image_size=image_size, num_train=unbatched["train"][1], num_val=unbatched["val"][1],
+        num_test=unbatched["test"][1] if "test" in unbatched else 0, batch_size=data_cfg["batch_size"],
+    )

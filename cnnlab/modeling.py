@@ -1,0 +1,68 @@
+"""From a config to a Keras model: augmentation layers in front of a registered model family.
+
+Augmentation is part of the model (Keras preprocessing layers, active only while training), so a saved checkpoint
+takes raw [0, 255] pixels and needs nothing else to predict.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+from cnnlab.config import as_size
+from models import create_model
+
+
+def augmentation_layers(augment_cfg: dict, seed: int) -> list[layers.Layer]:
+    """The augmentation layers an `augment` config section asks for, in order."""
+    out: list[layers.Layer] = []
+    if augment_cfg["crop"] is not None:
+        out.append(layers.RandomCrop(*as_size(augment_cfg["crop"]), seed=seed, name="aug_crop"))
+    if augment_cfg["flip"] != "none":
+        out.append(layers.RandomFlip(augment_cfg["flip"], seed=seed, name="aug_flip"))
+    if augment_cfg["rotation"]:
+        out.append(layers.RandomRotation(augment_cfg["rotation"], fill_mode="reflect", seed=seed, name="aug_rotation"))
+    if augment_cfg["zoom"]:
+        out.append(layers.RandomZoom(augment_cfg["zoom"], fill_mode="reflect", seed=seed, name="aug_zoom"))
+    if augment_cfg["contrast"]:
+        # RandomContrast needs to know pixels are in [0, 255] to clip correctly.
+        out.append(layers.RandomContrast(augment_cfg["contrast"], value_range=(0, 255), seed=seed,
+                                         name="aug_contrast"))
+    return out
+
+
+def model_input_size(cfg: dict) -> tuple[int, int]:
+    """The size the family network sees: the crop size when cropping, else the image size."""
+    crop = cfg["augment"]["crop"]
+    return as_size(crop) if crop is not None else as_size(cfg["data"]["image_size"])
+
+
+def build_model(cfg: dict, num_classes: int) -> keras.Model:
+    """The whole model of a config: `image -> augmentation -> family network -> probabilities`.
+
+    Args:
+        cfg: a resolved config.
+        num_classes: the number of classes the data reports.
+
+    Returns:
+        An uncompiled `keras.Model`. Without augmentation it is the family network itself.
+    """
+    model_cfg = cfg["model"]
+    name = model_cfg["name"]
+    h, w = model_input_size(cfg)
+    net = create_model(name, input_shape=(h, w, 3), num_classes=num_classes,
+                       head_dropout=model_cfg["head_dropout"], **model_cfg[name])
+    augment = augmentation_layers(cfg["augment"], cfg["run"]["seed"])
+    if not augment:
+        return net
+    inputs = keras.Input(shape=(*as_size(cfg["data"]["image_size"]), 3), name="image")
+    x = inputs
+    for layer in augment:
+        x = layer(x)
+    return keras.Model(inputs, net(x), name=f"{name}_with_augmentation")
+
+
+def family_network(model: keras.Model) -> keras.Model:
+    """The family network inside a model built by `build_model` (the model itself when it has no augmentation)."""
+    nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    return nested[-1] if nested else model

@@ -1,0 +1,321 @@
+"""Training: a resolved config in, a run directory out.
+
+A run directory is the contract between training and everything that reads a run:
+
+    <run.dir>/<run.name>/
+        config.yaml              the resolved config (re-running it reproduces the run)
+        checkpoints/best.keras   the model of the epoch with the best val accuracy
+        checkpoints/last.keras   the model (with optimizer state) after the last completed epoch
+        logs/                    TensorBoard: loss, accuracy, learning rate per epoch; weight histograms
+        history.csv              one row per completed epoch
+        metrics.json             the best epoch and its val metrics
+        state.json               what `--resume` needs: completed epochs, best so far, the history
+
+Every file is written to a temporary name and renamed into place, so a run killed at any moment leaves the files of
+its last completed epoch intact and `--resume` continues from there.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import keras
+
+from cnnlab import config as config_lib
+from cnnlab.data import Datasets, build_datasets
+from cnnlab.errors import UserError
+from cnnlab.modeling import build_model
+from cnnlab.runtime import set_precision, set_seed
+
+STATE_FILE = "state.json"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files written atomically
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Writes `text` to `path` through a temporary file and a rename, so readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_model_atomic(model: keras.Model, path: Path) -> None:
+    """Saves a `.keras` checkpoint through a temporary file and a rename; the previous one stays until then."""
+    tmp = path.with_name(f"{path.stem}.tmp.keras")  # Keras insists on the .keras suffix
+    try:
+        model.save(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run directory
+
+
+def _default_name(config_files: list[str]) -> str:
+    stem = Path(config_files[0]).stem if config_files else "run"
+    return f"{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def create_run_dir(cfg: dict, config_files: list[str], overwrite: bool) -> Path:
+    """Claims a new run directory. `os.mkdir` is atomic, so two runs started at once never share one."""
+    parent = Path(cfg["run"]["dir"])
+    parent.mkdir(parents=True, exist_ok=True)
+    explicit = cfg["run"]["name"]
+    if explicit:
+        run_dir = parent / explicit
+        if run_dir.exists():
+            if not overwrite:
+                raise UserError(
+                    f"run.name: {run_dir} already exists; continue it with --resume {run_dir}, "
+                    "replace it with --overwrite, or choose another run.name."
+                )
+            shutil.rmtree(run_dir)
+        try:
+            run_dir.mkdir()
+        except FileExistsError:
+            raise UserError(f"run.name: {run_dir} was just created by another run; choose another run.name.") from None
+        return run_dir
+    base = _default_name(config_files)
+    for attempt in range(1, 1000):
+        run_dir = parent / (base if attempt == 1 else f"{base}-{attempt}")
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            continue
+    raise UserError(f"run.dir: could not find a free run name under {parent} for {base}.")
+
+
+def fresh_state() -> dict:
+    """The state of a run with no completed epoch."""
+    return {"epoch": 0, "best_epoch": 0, "best_val_accuracy": None, "history": []}
+
+
+def load_state(run_dir: Path) -> dict:
+    """The resume state of a run directory; a run killed before its first epoch ended has none."""
+    path = run_dir / STATE_FILE
+    return json.loads(path.read_text()) if path.exists() else fresh_state()
+
+
+def find_run_for_resume(resume: str | bool, cfg: dict) -> Path:
+    """The run directory `--resume [RUN_DIR]` points at."""
+    if isinstance(resume, str):
+        run_dir = Path(resume)
+    elif cfg["run"]["name"]:
+        run_dir = Path(cfg["run"]["dir"]) / cfg["run"]["name"]
+    else:
+        raise UserError("--resume: give the run directory (--resume runs/NAME), or a config that sets run.name.")
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"--resume: {run_dir} is not a run directory (no config.yaml).")
+    return run_dir
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optimizer and compile
+
+
+def make_optimizer(training_cfg: dict, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    """The optimizer and learning-rate schedule of a `training` config section."""
+    lr = training_cfg["learning_rate"]
+    total = training_cfg["epochs"] * steps_per_epoch
+    warmup = min(training_cfg["warmup_epochs"] * steps_per_epoch, max(total - 1, 0))
+    if training_cfg["schedule"] == "cosine":
+        if warmup:
+            schedule = keras.optimizers.schedules.CosineDecay(
+                0.0, decay_steps=max(total - warmup, 1), warmup_target=lr, warmup_steps=warmup)
+        else:
+            schedule = keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(total, 1))
+    elif warmup:
+        schedule = keras.optimizers.schedules.PolynomialDecay(0.0, warmup, end_learning_rate=lr, power=1.0)
+    else:
+        schedule = lr
+    name = training_cfg["optimizer"]
+    wd = training_cfg["weight_decay"]
+    if name == "adamw":
+        opt = keras.optimizers.AdamW(schedule, weight_decay=wd)
+    elif name == "adam":
+        opt = keras.optimizers.Adam(schedule)
+    elif name == "sgd":
+        opt = keras.optimizers.SGD(schedule, momentum=training_cfg["momentum"], nesterov=True, weight_decay=wd or None)
+    else:
+        opt = keras.optimizers.RMSprop(schedule)
+    if wd and name in ("adamw", "sgd"):
+        # Decaying BatchNorm scales/offsets and biases only fights the normalisation; decay the kernels alone.
+        opt.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    return opt
+
+
+def compile_model(model: keras.Model, training_cfg: dict, num_classes: int, steps_per_epoch: int) -> None:
+    """Compiles with the loss and accuracy that match the head: binary (sigmoid) or categorical (softmax)."""
+    smoothing = training_cfg["label_smoothing"]
+    if num_classes == 2:
+        loss = keras.losses.BinaryCrossentropy(label_smoothing=smoothing)
+        metrics = [keras.metrics.BinaryAccuracy(name="accuracy")]
+    else:
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=smoothing)
+        metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
+    model.compile(optimizer=make_optimizer(training_cfg, steps_per_epoch), loss=loss, metrics=metrics)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The callback that keeps the run directory
+
+
+class RunCheckpoint(keras.callbacks.Callback):
+    """After every epoch: last.keras, best.keras when val accuracy improved, history.csv, metrics.json, state.json.
+
+    state.json is written last: it is the commit point that `--resume` trusts.
+    """
+
+    def __init__(self, run_dir: Path, state: dict, extra_metrics: dict):
+        super().__init__()
+        self.run_dir = run_dir
+        self.ckpt_dir = run_dir / "checkpoints"
+        self.state = state
+        self.extra_metrics = extra_metrics
+        self._epoch_start = 0.0
+        self._elapsed_before = state["history"][-1]["elapsed_seconds"] if state["history"] else 0.0
+        self._train_start = 0.0
+
+    def on_train_begin(self, logs=None):
+        self._train_start = time.perf_counter()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = dict(logs or {})
+        now = time.perf_counter()
+        row = {"epoch": epoch + 1}
+        row.update({k: float(v) for k, v in logs.items() if k != "learning_rate"})
+        row["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        row["epoch_seconds"] = round(now - self._epoch_start, 3)
+        row["elapsed_seconds"] = round(self._elapsed_before + now - self._train_start, 3)
+
+        save_model_atomic(self.model, self.ckpt_dir / "last.keras")
+        val_acc = row.get("val_accuracy")
+        best = self.state["best_val_accuracy"]
+        if val_acc is not None and (best is None or val_acc > best):
+            save_model_atomic(self.model, self.ckpt_dir / "best.keras")
+            self.state["best_val_accuracy"] = val_acc
+            self.state["best_epoch"] = epoch + 1
+
+        history = [r for r in self.state["history"] if r["epoch"] < epoch + 1] + [row]
+        self.state["history"] = history
+        self.state["epoch"] = epoch + 1
+        write_text_atomic(self.run_dir / "history.csv", _history_csv(history))
+        write_text_atomic(self.run_dir / "metrics.json", json.dumps(self.metrics(), indent=2) + "\n")
+        write_text_atomic(self.run_dir / STATE_FILE, json.dumps(self.state, indent=1) + "\n")
+
+    def metrics(self) -> dict:
+        best_row = next((r for r in self.state["history"] if r["epoch"] == self.state["best_epoch"]), {})
+        return {
+            "best_epoch": self.state["best_epoch"],
+            **{k: v for k, v in best_row.items() if k.startswith("val_")},
+            "epochs_completed": self.state["epoch"],
+            **self.extra_metrics,
+        }
+
+
+def _history_csv(rows: list[dict]) -> str:
+    fields: list[str] = []
+    for row in rows:
+        fields += [k for k in row if k not in fields]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry points
+
+
+def describe(cfg: dict, data: Datasets, model: keras.Model) -> str:
+    """The dry-run summary: data, model summary and parameter counts."""
+    lines = [
+        f"Data: {cfg['data']['source']}  classes={data.class_names}  train={data.num_train}  val={data.num_val}"
+        f"  test={data.num_test}  image_size={list(data.image_size)}  batch_size={cfg['data']['batch_size']}",
+    ]
+    summary: list[str] = []
+    model.summary(print_fn=lambda s, **_: summary.append(s), expand_nested=True)
+    lines += summary
+    trainable = sum(int(keras.ops.size(w)) for w in model.trainable_weights)
+    total = sum(int(keras.ops.size(w)) for w in model.weights)
+    lines.append(f"Parameters: {total:,} ({trainable:,} trainable)")
+    return "\n".join(lines)
+
+
+def train(cfg: dict, config_files: list[str], *, resume: str | bool | None = None, overwrite: bool = False,
+          dry_run: bool = False) -> Path | None:
+    """Trains the model a resolved config describes and returns its run directory.
+
+    Args:
+        cfg: a resolved config (see `cnnlab.config.resolve`).
+        config_files: the config files it came from; the first one names the run by default.
+        resume: a run directory to continue, or True to continue the run `run.dir/run.name`.
+        overwrite: replace an existing run directory of the same explicit `run.name`.
+        dry_run: build the data pipeline and model, print them, and return None without training.
+    """
+    set_seed(cfg["run"]["seed"])
+    set_precision(cfg["runtime"]["precision"])
+    data = build_datasets(cfg["data"], seed=cfg["run"]["seed"])
+    if dry_run:
+        print(describe(cfg, data, build_model(cfg, data.num_classes)))
+        return None
+
+    if resume:
+        run_dir = find_run_for_resume(resume, cfg)
+        state = load_state(run_dir)
+    else:
+        run_dir = create_run_dir(cfg, config_files, overwrite)
+        state = fresh_state()
+    (run_dir / "checkpoints").mkdir(exist_ok=True)
+    write_text_atomic(run_dir / "config.yaml", config_lib.dump(cfg))
+
+    epochs = cfg["training"]["epochs"]
+    last = run_dir / "checkpoints" / "last.keras"
+    if state["epoch"] and last.exists():
+        model = keras.models.load_model(last)
+        print(f"Resuming {run_dir} after epoch {state['epoch']} of {epochs}.")
+    else:
+        state = fresh_state()  # killed before its first epoch ended: start over in the same directory
+        model = build_model(cfg, data.num_classes)
+        compile_model(model, cfg["training"], data.num_classes, data.steps_per_epoch)
+
+    extra = {"class_names": data.class_names, "num_train": data.num_train, "num_val": data.num_val,
+             "params": int(model.count_params())}
+    checkpoint = RunCheckpoint(run_dir, state, extra)
+    callbacks = [
+        keras.callbacks.TensorBoard(
+            log_dir=str(run_dir / "logs"), histogram_freq=1 if cfg["runtime"]["log_histograms"] else 0,
+            write_graph=False),
+        checkpoint,
+    ]
+    if state["epoch"] < epochs:
+        model.fit(data.train, validation_data=data.val, epochs=epochs, initial_epoch=state["epoch"],
+                  callbacks=callbacks, shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
+    best = state["best_val_accuracy"]
+    best_text = f"{best:.4f} (epoch {state['best_epoch']})" if best is not None else "n/a"
+    print(f"Run directory: {run_dir}  best val_accuracy: {best_text}")
+    return run_dir
+

@@ -1,0 +1,93 @@
+"""Standard CNNs: stacks of KxK Conv2D blocks, the family every other one is compared against."""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+from models import register
+from models.blocks import check_common, conv_bn_act, dense_head, per_stage, shortcut, stage_end
+
+
+@register("standard")
+def standard(
+    input_shape,
+    num_classes: int,
+    head_dropout: float = 0.0,
+    *,
+    filters=(32, 64, 128),
+    blocks=1,
+    kernel_size=3,
+    strides=1,
+    padding="same",
+    dilation_rate=1,
+    activation="relu",
+    batch_norm=True,
+    pooling="max",
+    dropout=0.0,
+    residual=False,
+    kernel_initializer="he_normal",
+    weight_decay=0.0,
+) -> keras.Model:
+    """A plain CNN: stages of KxK conv blocks, each stage closed by pooling, then a global-pooling classifier.
+
+    Every per-stage argument takes one value for all stages or a list with one value per stage.
+
+    Args:
+        input_shape: `(height, width, channels)`; pixels in [0, 255], rescaled to [0, 1] inside the model.
+        num_classes: number of classes; 2 gives one sigmoid unit.
+        head_dropout: dropout before the classifier.
+        filters: output channels of each stage; its length sets the number of stages.
+        blocks: conv blocks per stage (per stage).
+        kernel_size: K of the KxK kernels (per stage).
+        strides: stride of a stage's first conv (per stage).
+        padding: `"same"` or `"valid"` (per stage).
+        dilation_rate: kernel dilation (per stage).
+        activation: any Keras activation name (per stage).
+        batch_norm: batch norm after each conv (per stage).
+        pooling: `"max"`, `"avg"` or `"none"` 2x2 pooling closing each stage (per stage).
+        dropout: spatial dropout closing each stage (per stage).
+        residual: add a shortcut around each stage's conv blocks (projected when shapes change).
+        kernel_initializer: Keras initializer name for conv kernels.
+        weight_decay: L2 penalty on conv and dense kernels.
+
+    Returns:
+        An uncompiled `keras.Model` named "standard".
+
+    Example:
+
+        >>> model = standard((64, 64, 3), 2, filters=[8, 16], kernel_size=[5, 3])
+        >>> model.get_layer("stage1_block1_conv").kernel.shape
+        (5, 5, 3, 8)
+    """
+    check_common(input_shape, num_classes)
+    filters = list(filters) if isinstance(filters, (list, tuple)) else [filters]
+    n = len(filters)
+    stage_args = zip(
+        filters,
+        per_stage("blocks", blocks, n),
+        per_stage("kernel_size", kernel_size, n),
+        per_stage("strides", strides, n),
+        per_stage("padding", padding, n),
+        per_stage("dilation_rate", dilation_rate, n),
+        per_stage("activation", activation, n),
+        per_stage("batch_norm", batch_norm, n),
+        per_stage("pooling", pooling, n),
+        per_stage("dropout", dropout, n),
+    )
+    inputs = keras.Input(shape=tuple(input_shape), name="image")
+    x = layers.Rescaling(1.0 / 255, name="rescale")(inputs)
+    for i, (f, nb, k, s, pad, d, act, bn, pool, drop) in enumerate(stage_args, start=1):
+        stage_in = x
+        for b in range(1, nb + 1):
+            x = conv_bn_act(
+                x, f, k, strides=s if b == 1 else 1, padding=pad, dilation_rate=d, activation=act,
+                batch_norm=bn, kernel_initializer=kernel_initializer, weight_decay=weight_decay,
+                name=f"stage{i}_block{b}",
+            )
+        if residual:
+            x = shortcut(stage_in, x, batch_norm=bn, kernel_initializer=kernel_initializer,
+                         weight_decay=weight_decay, name=f"stage{i}")
+        x = stage_end(x, pool, drop, name=f"stage{i}")
+    outputs = dense_head(x, num_classes, head_dropout, weight_decay)
+    return keras.Model(inputs, outputs, name="standard")

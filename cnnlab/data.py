@@ -193,8 +193,11 @@ def synthetic_images(n: int, image_size, num_classes: int, seed: int) -> tuple[n
     phase = rng.uniform(0, 2 * np.pi, size=n)
     coords = np.cos(angles)[:, None, None] * xx + np.sin(angles)[:, None, None] * yy
     wave = 0.5 + 0.5 * np.sin(freq[:, None, None] * coords + phase[:, None, None])
-    fg = rng.uniform(0, 255, size=(n, 1, 1, 3))
-    bg = rng.uniform(0, 255, size=(n, 1, 1, 3))
+    # One light and one dark colour (in random order) keep the stripes visible whatever the hues.
+    light = rng.uniform(140, 255, size=(n, 1, 1, 3))
+    dark = rng.uniform(0, 110, size=(n, 1, 1, 3))
+    swap = rng.random((n, 1, 1, 1)) < 0.5
+    fg, bg = np.where(swap, dark, light), np.where(swap, light, dark)
     images = wave[..., None] * fg + (1 - wave[..., None]) * bg + rng.normal(0, 12, size=(n, h, w, 3))
     return np.clip(images, 0, 255).astype(np.uint8), labels
 

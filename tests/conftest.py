@@ -1,0 +1,71 @@
+"""Shared test helpers: the repo root, the shared photos, running the CLIs, and writing tiny image folders."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data" / "cats_vs_dogs"
+
+sys.path.insert(0, str(REPO))
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The shared cats/dogs photos; tests using them skip in a clone that has no ../shared beside it."""
+    if not (SHARED_DATA / "train").is_dir():
+        pytest.skip(f"needs the shared photos at {SHARED_DATA} (present on the project's machines, not in a clone)")
+    return SHARED_DATA
+
+
+def run_cli(*args: str, timeout: float = 300, cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Runs `python <args>` in the repo root and returns the finished process (text output)."""
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The lines of a CLI's stderr that are ours (TensorFlow's C++ start-up notices are left out)."""
+    return [line for line in stderr.splitlines() if line.startswith("error:") or "Traceback" in line]
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+    """A CLI refused input as it should: exit 2, one `error:` line naming the fragments, no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def write_image(path: Path, rgb: np.ndarray, fmt: str = "jpeg") -> None:
+    """Writes a uint8 HxWx3 array as a JPEG or PNG file."""
+    import tensorflow as tf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = tf.io.encode_jpeg(rgb) if fmt == "jpeg" else tf.io.encode_png(rgb)
+    path.write_bytes(data.numpy())
+
+
+def make_image_folder(root: Path, splits=("train", "val"), classes=("cats", "dogs"), per_class: int = 6,
+                      size: int = 24, seed: int = 0) -> Path:
+    """A tiny folder dataset: root/<split>/<class>/img_i.jpg, each class a different dominant colour."""
+    rng = np.random.default_rng(seed)
+    for split in splits:
+        for c, name in enumerate(classes):
+            for i in range(per_class):
+                base = np.zeros((size, size, 3)) + 60
+                base[..., c % 3] = 200
+                img = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+                write_image(root / split / name / f"img_{i}.jpg" if split else root / name / f"img_{i}.jpg", img)
+    return root

@@ -1,0 +1,131 @@
+"""Config: defaults, layering of files and --set, and validation that names the file, key and bad value."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cnnlab import config
+from cnnlab.errors import UserError
+from tests.conftest import REPO, assert_user_error, run_cli
+
+
+def write(tmp_path: Path, name: str, data: dict) -> str:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_defaults_resolve_and_every_config_in_the_repo_is_valid():
+    assert config.resolve([])["data"]["source"] == "tfds"
+    configs = sorted((REPO / "configs").rglob("*.yaml"))
+    assert len(configs) >= 2
+    for path in configs:
+        config.resolve([str(path)])
+
+
+def test_later_files_and_set_overrides_win_in_order(tmp_path):
+    a = write(tmp_path, "a.yaml", {"data": {"batch_size": 8, "image_size": [64, 64]}, "training": {"epochs": 3}})
+    b = write(tmp_path, "b.yaml", {"data": {"batch_size": 16}})
+    cfg = config.resolve([a, b], ["training.epochs=5", "data.image_size=[48, 40]", "training.epochs=7"])
+    assert cfg["data"]["batch_size"] == 16          # b overrides a
+    assert cfg["data"]["image_size"] == [48, 40]    # --set parsed as YAML
+    assert cfg["training"]["epochs"] == 7           # the last --set wins
+    assert cfg["training"]["optimizer"] == config.load_defaults()["training"]["optimizer"]  # untouched default
+
+
+def test_experiment_files_state_only_what_differs_from_the_defaults():
+    defaults = config.load_defaults()
+
+    def same_as_default(data, base, prefix=""):
+        for key, value in data.items():
+            if isinstance(value, dict):
+                yield from same_as_default(value, base[key], f"{prefix}{key}.")
+            elif value == base[key]:
+                yield f"{prefix}{key}"
+
+    for path in sorted((REPO / "configs").rglob("*.yaml")):
+        if path.name == "defaults.yaml":
+            continue
+        redundant = list(same_as_default(yaml.safe_load(path.read_text()) or {}, defaults))
+        assert not redundant, f"{path.name} repeats defaults: {redundant}"
+
+
+@pytest.mark.parametrize(
+    "override, fragments",
+    [
+        ("data.sorce=folder", ["unknown key 'data.sorce'", "did you mean 'data.source'"]),
+        ("data.batch_size=0", ["data.batch_size must be an integer >= 1", "Received: 0"]),
+        ("data.batch_size=abc", ["data.batch_size", "Received: 'abc'"]),
+        ("training.learning_rate=-1", ["training.learning_rate must be a number > 0"]),
+        ("data.validation_split=1.5", ["data.validation_split must be a number in (0, 1)"]),
+        ("data.source=web", ["data.source must be one of 'tfds', 'folder', 'synthetic'", "Received: 'web'"]),
+        ("model.standard.padding=full", ["model.standard.padding must be one of 'same', 'valid'"]),
+        ("model.standard.filters=[8, -1]", ["model.standard.filters"]),
+        ("data.image_size=[1,2,3]", ["data.image_size must be [height, width]"]),
+        ("runtime.precision=float8", ["runtime.precision must be one of"]),
+    ],
+)
+def test_bad_values_name_the_flag_key_and_value(override, fragments):
+    with pytest.raises(UserError) as info:
+        config.resolve([str(REPO / "configs" / "smoke.yaml")], [override])
+    message = str(info.value)
+    assert message.startswith(f"--set {override}:")
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_a_bad_value_in_a_file_names_that_file(tmp_path):
+    bad = write(tmp_path, "bad.yaml", {"training": {"epochs": "many"}})
+    with pytest.raises(UserError, match=r"bad\.yaml: training\.epochs must be an integer >= 1\. Received: 'many'"):
+        config.resolve([bad])
+
+
+def test_unknown_nested_key_in_a_file_suggests_the_closest(tmp_path):
+    bad = write(tmp_path, "bad.yaml", {"model": {"standard": {"kernal_size": 5}}})
+    with pytest.raises(UserError, match=r"bad\.yaml: unknown key 'model\.standard\.kernal_size'; did you mean "
+                                        r"'model\.standard\.kernel_size'"):
+        config.resolve([bad])
+
+
+def test_folder_source_needs_an_existing_path(tmp_path):
+    with pytest.raises(UserError, match="data.path is not set"):
+        config.resolve([], ["data.source=folder"])
+    with pytest.raises(UserError, match="data.path must be an existing folder"):
+        config.resolve([], ["data.source=folder", f"data.path={tmp_path / 'missing'}"])
+
+
+def test_resume_dir_without_config_is_refused(tmp_path):
+    with pytest.raises(UserError, match="is not a run directory"):
+        config.resolve_for_run([], [], str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--config", "configs/smoke.yaml", "--set", "data.batch_size=-4"], ["data.batch_size", "Received: -4"]),
+        (["--config", "configs/smoke.yaml", "--set", "data.sorce=x"], ["did you mean 'data.source'"]),
+        (["--config", "missing.yaml"], ["missing.yaml: config file not found"]),
+        (["--config", "configs/smoke.yaml", "--set", "data.source=folder", "--set", "data.path=/no/such/dir"],
+         ["data.path must be an existing folder", "/no/such/dir"]),
+        (["--config", "configs/smoke.yaml", "--set", "nodot"], ["--set nodot: expected key.sub=value"]),
+        (["--resume", "/no/such/run"], ["/no/such/run is not a run directory"]),
+        ([], ["give --config FILE"]),
+    ],
+)
+def test_train_cli_rejects_bad_input_with_one_line_and_exit_2(args, fragments):
+    assert_user_error(run_cli("train.py", *args, timeout=60), *fragments)
+
+
+def test_train_cli_rejects_invalid_yaml_with_its_line(tmp_path):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("data:\n  batch_size: [1, 2\n")
+    assert_user_error(run_cli("train.py", "--config", str(bad), timeout=60), "broken.yaml: not valid YAML", "line")
+
+
+def test_print_config_prints_the_resolved_config():
+    proc = run_cli("train.py", "--config", "configs/smoke.yaml", "--set", "training.epochs=2", "--print-config")
+    assert proc.returncode == 0, proc.stderr
+    printed = yaml.safe_load(proc.stdout)
+    assert printed == config.resolve([str(REPO / "configs/smoke.yaml")], ["training.epochs=2"])

@@ -1,0 +1,218 @@
+"""Training end to end: the run directory, TensorBoard logs, seeding, resume after a kill, and run-dir safety."""
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+import yaml
+
+from cnnlab import config
+from cnnlab.data import build_datasets
+from cnnlab.training import train
+from tests.conftest import REPO, assert_user_error, run_cli
+
+SMOKE = str(REPO / "configs" / "smoke.yaml")
+
+
+def read_history(run_dir: Path) -> list[dict]:
+    with open(run_dir / "history.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def tensorboard_scalars(log_dir: Path, tag: str) -> dict[int, float]:
+    """Scalars read back from the event files with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"tensors": 0, "scalars": 0})
+    acc.Reload()
+    # tf.summary writes scalars as tensor events; older writers used scalar events.
+    if tag in acc.Tags().get("tensors", []):
+        return {e.step: float(tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)}
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, float]:
+    runs = tmp_path_factory.mktemp("runs")
+    start = time.perf_counter()
+    proc = run_cli("train.py", "--config", SMOKE, "--set", f"run.dir={runs}", timeout=120)
+    seconds = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = runs.iterdir()
+    return run_dir, proc, seconds
+
+
+def test_smoke_run_is_fast_and_its_last_line_names_the_run(smoke_run):
+    run_dir, proc, seconds = smoke_run
+    assert seconds < 60
+    assert run_dir.name.startswith("smoke-")
+    last = proc.stdout.strip().splitlines()[-1]
+    assert str(run_dir) in last and "best val_accuracy" in last
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert f"{metrics['val_accuracy']:.4f}" in last
+
+
+def test_smoke_run_dir_holds_config_checkpoints_history_and_metrics(smoke_run):
+    run_dir, _, _ = smoke_run
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved == config.resolve([SMOKE], [f"run.dir={run_dir.parent}"])
+    epochs = saved["training"]["epochs"]
+    history = read_history(run_dir)
+    assert [int(r["epoch"]) for r in history] == list(range(1, epochs + 1))
+    val_acc = [float(r["val_accuracy"]) for r in history]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["best_epoch"] == int(np.argmax(val_acc)) + 1
+    assert metrics["val_accuracy"] == pytest.approx(max(val_acc))
+    assert metrics["val_accuracy"] > 0.8  # the synthetic stripes are learnable in seconds
+    lrs = [float(r["learning_rate"]) for r in history]
+    assert lrs[0] > lrs[-1] >= 0  # cosine decay
+
+
+def test_best_checkpoint_loads_without_custom_objects_and_reproduces_its_val_accuracy(smoke_run):
+    run_dir, _, _ = smoke_run
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    model = keras.models.load_model(run_dir / "checkpoints" / "best.keras")
+    data = build_datasets(cfg["data"], seed=cfg["run"]["seed"])
+    _, accuracy = model.evaluate(data.val, verbose=0)
+    assert accuracy == pytest.approx(json.loads((run_dir / "metrics.json").read_text())["val_accuracy"], abs=1e-6)
+    assert keras.models.load_model(run_dir / "checkpoints" / "last.keras").optimizer.iterations.numpy() > 0
+
+
+def test_tensorboard_event_files_hold_loss_accuracy_and_learning_rate_per_epoch(smoke_run):
+    run_dir, _, _ = smoke_run
+    history = read_history(run_dir)
+    loss = tensorboard_scalars(run_dir / "logs" / "train", "epoch_loss")
+    assert sorted(loss) == list(range(len(history)))
+    assert [loss[i] for i in sorted(loss)] == pytest.approx([float(r["loss"]) for r in history], rel=1e-5)
+    val_acc = tensorboard_scalars(run_dir / "logs" / "validation", "epoch_accuracy")
+    assert [val_acc[i] for i in sorted(val_acc)] == pytest.approx([float(r["val_accuracy"]) for r in history])
+    assert len(tensorboard_scalars(run_dir / "logs" / "train", "epoch_learning_rate")) == len(history)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_real_tensorboard_server_serves_the_runs_scalars(smoke_run):
+    run_dir, _, _ = smoke_run
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(run_dir / "logs"), "--host", "127.0.0.1",
+         "--port", str(port), "--reload_interval", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/data/plugin/scalars/scalars?run=train&tag=epoch_loss"
+    try:
+        deadline, points = time.time() + 60, None
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    points = json.loads(response.read())
+                if points:
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.5)
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+    assert points, "TensorBoard served no epoch_loss scalars within 60 s"
+    history = read_history(run_dir)
+    assert [p[1] for p in points] == list(range(len(history)))
+    assert [p[2] for p in points] == pytest.approx([float(r["loss"]) for r in history], rel=1e-5)
+
+
+def tiny_cfg(tmp_path, *sets):
+    return config.resolve([SMOKE], [f"run.dir={tmp_path}", "data.synthetic_size=128", "data.image_size=[16, 16]",
+                                    "training.epochs=1", *sets])
+
+
+def test_same_seed_gives_the_same_first_epoch_loss_and_another_seed_does_not(tmp_path):
+    losses = []
+    for seed in (7, 7, 8):
+        run_dir = train(tiny_cfg(tmp_path, f"run.seed={seed}"), [SMOKE])
+        losses.append(float(read_history(run_dir)[0]["loss"]))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    assert losses[0] != pytest.approx(losses[2], rel=1e-4)
+
+
+def test_dry_run_prints_the_model_and_writes_nothing(tmp_path):
+    proc = run_cli("train.py", "--config", SMOKE, "--set", f"run.dir={tmp_path}/runs", "--dry-run", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "stage1_block1_conv" in proc.stdout and "Parameters:" in proc.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_existing_run_is_never_overwritten_without_the_flag(tmp_path):
+    cfg = tiny_cfg(tmp_path, "run.name=fixed")
+    run_dir = train(cfg, [SMOKE])
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    proc = run_cli("train.py", "--config", SMOKE, "--set", f"run.dir={tmp_path}", "--set", "run.name=fixed",
+                   timeout=120)
+    assert_user_error(proc, "already exists", "--resume", "--overwrite")
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    proc = run_cli("train.py", "--config", SMOKE, "--set", f"run.dir={tmp_path}", "--set", "run.name=fixed",
+                   "--set", "training.epochs=1", "--set", "data.synthetic_size=64", "--overwrite", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["synthetic_size"] == 64
+
+
+def test_runs_of_one_config_never_share_a_directory(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    first, second = train(cfg, [SMOKE]), train(cfg, [SMOKE])
+    assert first != second and first.parent == second.parent
+
+
+def test_a_run_killed_after_epoch_2_of_4_resumes_and_ends_at_epoch_4(tmp_path):
+    args = ["train.py", "--config", SMOKE, "--set", f"run.dir={tmp_path}", "--set", "run.name=killed",
+            "--set", "training.epochs=4", "--set", "data.synthetic_size=2048", "--set", "data.image_size=[40, 40]"]
+    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    state = tmp_path / "killed" / "state.json"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and json.loads(state.read_text())["epoch"] >= 2:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    killed_at = json.loads(state.read_text())["epoch"]
+    assert 2 <= killed_at < 4
+
+    resumed = run_cli("train.py", "--resume", str(tmp_path / "killed"), timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resuming {tmp_path / 'killed'} after epoch {killed_at} of 4" in resumed.stdout
+    history = read_history(tmp_path / "killed")
+    assert [int(r["epoch"]) for r in history] == [1, 2, 3, 4]
+    elapsed = [float(r["elapsed_seconds"]) for r in history]
+    assert elapsed == sorted(elapsed)
+    model = keras.models.load_model(tmp_path / "killed" / "checkpoints" / "best.keras")
+    assert np.all(np.isfinite(model.predict(np.zeros((2, 40, 40, 3), np.float32), verbose=0)))
+    # a finished run resumed again has nothing left to do
+    again = run_cli("train.py", "--resume", str(tmp_path / "killed"), timeout=120)
+    assert again.returncode == 0 and len(read_history(tmp_path / "killed")) == 4
+
+
+def test_one_epoch_on_the_real_jpegs(shared_data, tmp_path):
+    proc = run_cli("train.py", "--config", "configs/cats_vs_dogs_standard.yaml", "--set", "data.source=folder",
+                   "--set", f"data.path={shared_data}", "--set", "training.epochs=1", "--set", "data.image_size=[96,96]",
+                   "--set", f"run.dir={tmp_path}", timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = tmp_path.iterdir()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["num_train"] == 2000 and metrics["num_val"] == 1000
+    assert metrics["class_names"] == ["cats", "dogs"]
+    assert 0.0 <= metrics["val_accuracy"] <= 1.0

@@ -188,6 +188,16 @@ RULES: dict[str, Callable] = {
     "model.*.dropout": _per_stage(_num_in(0, 1)),
     "model.*.batch_norm": _per_stage(lambda v: None if isinstance(v, bool) else "true or false"),
     "model.*.weight_decay": _num_in(0, 1),
+    "model.*.stem_filters": _int_at_least(1),
+    "model.*.stem_kernel_size": _int_at_least(1),
+    "model.*.stem_strides": _int_at_least(1),
+    "model.*.bottleneck_ratio": _per_stage(_num_in(0, 1, low_open=True, high_open=False)),
+    "model.*.depth_multiplier": _per_stage(_int_at_least(1)),
+    "model.*.head": _choice("dense", "conv"),
+    "model.transfer.backbone": _choice("vgg16", "resnet50"),
+    "model.transfer.weights": _optional_str,
+    "model.transfer.pooling": _choice("avg", "max"),
+    "model.transfer.head_units": _int_at_least(0),
     "training.epochs": _int_at_least(1),
     "training.optimizer": _choice("adam", "adamw", "sgd", "rmsprop"),
     "training.learning_rate": _positive_number,
@@ -196,6 +206,10 @@ RULES: dict[str, Callable] = {
     "training.weight_decay": _num_in(0, 1),
     "training.momentum": _num_in(0, 1),
     "training.label_smoothing": _num_in(0, 1),
+    "training.fine_tune.epochs": _int_at_least(0),
+    "training.fine_tune.learning_rate": _positive_number,
+    "training.fine_tune.unfreeze": lambda v: None if (_is_int(v) and v >= 0) or (isinstance(v, str) and v) else (
+        "a number of layers >= 0 or a layer name"),
     "run.name": _optional_str,
     "run.seed": _int_at_least(0),
     "runtime.precision": _choice("float32", "mixed_float16", "mixed_bfloat16"),
@@ -266,6 +280,14 @@ def _check_cross_keys(cfg: dict, origins: dict) -> None:
     if cfg["training"]["warmup_epochs"] >= cfg["training"]["epochs"] > 1:
         fail("training.warmup_epochs", "training.warmup_epochs must be < training.epochs. "
              f"Received: {cfg['training']['warmup_epochs']}")
+    weights = model["transfer"]["weights"]
+    if model["name"] == "transfer" and weights not in (None, "imagenet") and not os.path.isfile(weights):
+        fail("model.transfer.weights", "model.transfer.weights must be 'imagenet', null or an existing weights "
+             f"file. Received: {weights!r}")
+    if cfg["training"]["fine_tune"]["epochs"] and model["name"] != "transfer":
+        fail("training.fine_tune.epochs", "training.fine_tune.epochs needs model.name: transfer (a pretrained "
+             f"backbone to unfreeze). Received: {cfg['training']['fine_tune']['epochs']} with "
+             f"model.name {model['name']!r}")
     crop = cfg["augment"]["crop"]
     if crop is not None:
         h, w = as_size(crop)

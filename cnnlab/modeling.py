@@ -10,6 +10,7 @@ import keras
 from keras import layers
 
 from cnnlab.config import as_size
+from cnnlab.errors import UserError
 from models import create_model
 
 
@@ -50,8 +51,11 @@ def build_model(cfg: dict, num_classes: int) -> keras.Model:
     model_cfg = cfg["model"]
     name = model_cfg["name"]
     h, w = model_input_size(cfg)
-    net = create_model(name, input_shape=(h, w, 3), num_classes=num_classes,
-                       head_dropout=model_cfg["head_dropout"], **model_cfg[name])
+    try:
+        net = create_model(name, input_shape=(h, w, 3), num_classes=num_classes,
+                           head_dropout=model_cfg["head_dropout"], **model_cfg[name])
+    except ValueError as e:  # builders validate their arguments; report it against the config section
+        raise UserError(f"model.{name}: {e}") from None
     augment = augmentation_layers(cfg["augment"], cfg["run"]["seed"])
     if not augment:
         return net

@@ -24,6 +24,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from datetime import datetime
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from cnnlab import config as config_lib
 from cnnlab.data import Datasets, build_datasets
 from cnnlab.errors import UserError
 from cnnlab.modeling import build_model
+from cnnlab.report import format_report, model_report
 from cnnlab.runtime import set_precision, set_seed
 
 STATE_FILE = "state.json"
@@ -175,6 +177,31 @@ def compile_model(model: keras.Model, training_cfg: dict, num_classes: int, step
     model.compile(optimizer=make_optimizer(training_cfg, steps_per_epoch), loss=loss, metrics=metrics)
 
 
+def training_phases(cfg: dict) -> list[dict]:
+    """The phases of a run: `train` for training.epochs, then `fine_tune` when training.fine_tune.epochs > 0.
+
+    Each phase has its own `training` section (epochs counted within the phase, learning rate) and the epoch at which
+    it ends, counting from the start of the run.
+    """
+    training_cfg = cfg["training"]
+    phases = [{"name": "train", "training": training_cfg, "end": training_cfg["epochs"]}]
+    fine_tune = training_cfg["fine_tune"]
+    if fine_tune["epochs"]:
+        tuned = {**training_cfg, "epochs": fine_tune["epochs"], "learning_rate": fine_tune["learning_rate"],
+                 "warmup_epochs": 0}
+        phases.append({"name": "fine_tune", "training": tuned, "end": training_cfg["epochs"] + fine_tune["epochs"]})
+    return phases
+
+
+def unfreeze_for_fine_tuning(model: keras.Model, which: int | str) -> list[str]:
+    from models.transfer import unfreeze
+
+    try:
+        return unfreeze(model, which)
+    except ValueError as e:
+        raise UserError(f"training.fine_tune.unfreeze: {e}") from None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The callback that keeps the run directory
 
@@ -251,14 +278,13 @@ def _history_csv(rows: list[dict]) -> str:
 
 
 def describe(cfg: dict, data: Datasets, model: keras.Model) -> str:
-    """The dry-run summary: data, model summary and parameter counts."""
+    """The dry-run summary: the data, then the model layer by layer with parameters, MACs and receptive field."""
     lines = [
         f"Data: {cfg['data']['source']}  classes={data.class_names}  train={data.num_train}  val={data.num_val}"
         f"  test={data.num_test}  image_size={list(data.image_size)}  batch_size={cfg['data']['batch_size']}",
     ]
-    summary: list[str] = []
-    model.summary(print_fn=lambda s, **_: summary.append(s), expand_nested=True)
-    lines += summary
+    lines.append(f"Model: {model.name}")
+    lines.append(format_report(model_report(model)))
     trainable = sum(int(keras.ops.size(w)) for w in model.trainable_weights)
     total = sum(int(keras.ops.size(w)) for w in model.weights)
     lines.append(f"Parameters: {total:,} ({trainable:,} trainable)")
@@ -292,15 +318,15 @@ def train(cfg: dict, config_files: list[str], *, resume: str | bool | None = Non
     (run_dir / "checkpoints").mkdir(exist_ok=True)
     write_text_atomic(run_dir / "config.yaml", config_lib.dump(cfg))
 
-    epochs = cfg["training"]["epochs"]
+    phases = training_phases(cfg)
+    total_epochs = phases[-1]["end"]
     last = run_dir / "checkpoints" / "last.keras"
     if state["epoch"] and last.exists():
         model = keras.models.load_model(last)
-        print(f"Resuming {run_dir} after epoch {state['epoch']} of {epochs}.")
+        print(f"Resuming {run_dir} after epoch {state['epoch']} of {total_epochs}.")
     else:
         state = fresh_state()  # killed before its first epoch ended: start over in the same directory
         model = build_model(cfg, data.num_classes)
-        compile_model(model, cfg["training"], data.num_classes, data.steps_per_epoch)
 
     extra = {"class_names": data.class_names, "num_train": data.num_train, "num_val": data.num_val,
              "params": int(model.count_params())}
@@ -311,9 +337,23 @@ def train(cfg: dict, config_files: list[str], *, resume: str | bool | None = Non
             write_graph=False),
         checkpoint,
     ]
-    if state["epoch"] < epochs:
-        model.fit(data.train, validation_data=data.val, epochs=epochs, initial_epoch=state["epoch"],
-                  callbacks=callbacks, shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
+    for phase in phases:
+        if state["epoch"] >= phase["end"]:
+            continue
+        if state.get("phase") != phase["name"]:
+            # Entering the phase (not resuming inside it): set what trains and start a fresh optimizer.
+            if phase["name"] == "fine_tune":
+                unfrozen = unfreeze_for_fine_tuning(model, cfg["training"]["fine_tune"]["unfreeze"])
+                print(f"Fine-tuning {len(unfrozen)} backbone layers from {unfrozen[0] if unfrozen else '-'} "
+                      f"at learning rate {phase['training']['learning_rate']:g}.")
+            compile_model(model, phase["training"], data.num_classes, data.steps_per_epoch)
+        state["phase"] = phase["name"]
+        with warnings.catch_warnings():
+            # Folder pipelines skip undecodable files, so their length is unknown until the first epoch ends; Keras
+            # then warns that the input "ran out of data", which is exactly how it learns the epoch length.
+            warnings.filterwarnings("ignore", message="Your input ran out of data")
+            model.fit(data.train, validation_data=data.val, epochs=phase["end"], initial_epoch=state["epoch"],
+                      callbacks=callbacks, shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
     best = state["best_val_accuracy"]
     best_text = f"{best:.4f} (epoch {state['best_epoch']})" if best is not None else "n/a"
     print(f"Run directory: {run_dir}  best val_accuracy: {best_text}")

@@ -16,7 +16,7 @@ SHARED_DATA = REPO.parent / "shared" / "data" / "cats_vs_dogs"
 sys.path.insert(0, str(REPO))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The shared cats/dogs photos; tests using them skip in a clone that has no ../shared beside it."""
     if not (SHARED_DATA / "train").is_dir():

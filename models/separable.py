@@ -1,0 +1,104 @@
+"""Depthwise-separable CNNs (MobileNet / Xception style): a KxK depthwise conv filters each channel on its own,
+then a 1x1 pointwise conv mixes channels.
+
+Splitting spatial filtering from channel mixing costs K·K·C_in·M + C_in·M·C_out weights instead of
+K·K·C_in·C_out, about 1/C_out + M/K² of a standard conv's parameters and MACs.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+from models import register
+from models.blocks import check_common, conv_bn_act, dense_head, norm_act, per_stage, regularizer, shortcut, stage_end
+
+
+@register("separable")
+def separable(
+    input_shape,
+    num_classes: int,
+    head_dropout: float = 0.0,
+    *,
+    stem_filters=32,
+    stem_kernel_size=3,
+    stem_strides=2,
+    filters=(64, 128, 256),
+    blocks=1,
+    kernel_size=3,
+    depth_multiplier=1,
+    strides=1,
+    activation="relu",
+    batch_norm=True,
+    pooling="max",
+    dropout=0.0,
+    residual=False,
+    kernel_initializer="he_normal",
+    weight_decay=0.0,
+) -> keras.Model:
+    """A standard KxK stem, then stages of depthwise-KxK + pointwise-1x1 blocks, then a Dense classifier.
+
+    Args:
+        input_shape: `(height, width, channels)`; pixels in [0, 255], rescaled inside the model.
+        num_classes: number of classes; 2 gives one sigmoid unit.
+        head_dropout: dropout before the classifier.
+        stem_filters: channels of the standard KxK stem conv (as MobileNet starts).
+        stem_kernel_size: K of the stem conv.
+        stem_strides: stride of the stem conv.
+        filters: pointwise output channels of each stage; its length sets the number of stages.
+        blocks: separable blocks per stage (per stage).
+        kernel_size: K of the depthwise kernels (per stage).
+        depth_multiplier: depthwise kernels per input channel (per stage).
+        strides: stride of a stage's first depthwise conv (per stage).
+        activation: Keras activation name (per stage).
+        batch_norm: batch norm after the depthwise and the pointwise conv (per stage).
+        pooling: `"max"`, `"avg"` or `"none"` closing each stage (per stage).
+        dropout: spatial dropout closing each stage (per stage).
+        residual: shortcut around each block (projected when the shape changes).
+        kernel_initializer: Keras initializer name for kernels.
+        weight_decay: L2 penalty on kernels.
+
+    Returns:
+        An uncompiled `keras.Model` named "separable".
+
+    Example:
+
+        >>> model = separable((64, 64, 3), 2, filters=[32, 64], depth_multiplier=2)
+        >>> model.get_layer("stage2_block1_depthwise").depthwise_kernel.shape   # 32 channels x 2 kernels each
+        (3, 3, 32, 2)
+    """
+    check_common(input_shape, num_classes)
+    filters = list(filters) if isinstance(filters, (list, tuple)) else [filters]
+    n = len(filters)
+    stage_args = zip(
+        filters, per_stage("blocks", blocks, n), per_stage("kernel_size", kernel_size, n),
+        per_stage("depth_multiplier", depth_multiplier, n), per_stage("strides", strides, n),
+        per_stage("activation", activation, n), per_stage("batch_norm", batch_norm, n),
+        per_stage("pooling", pooling, n), per_stage("dropout", dropout, n),
+    )
+    inputs = keras.Input(shape=tuple(input_shape), name="image")
+    x = layers.Rescaling(1.0 / 255, name="rescale")(inputs)
+    x = conv_bn_act(x, stem_filters, stem_kernel_size, strides=stem_strides,
+                    activation=per_stage("activation", activation, n)[0],
+                    batch_norm=per_stage("batch_norm", batch_norm, n)[0], kernel_initializer=kernel_initializer,
+                    weight_decay=weight_decay, name="stem")
+    for i, (f, nb, k, mult, s, act, bn, pool, drop) in enumerate(stage_args, start=1):
+        for b in range(1, nb + 1):
+            name = f"stage{i}_block{b}"
+            block_in = x
+            x = layers.DepthwiseConv2D(
+                k, strides=s if b == 1 else 1, padding="same", depth_multiplier=mult, use_bias=not bn,
+                depthwise_initializer=kernel_initializer, depthwise_regularizer=regularizer(weight_decay),
+                name=f"{name}_depthwise",
+            )(x)
+            x = norm_act(x, bn, act, name=f"{name}_depthwise")
+            x = conv_bn_act(x, f, 1, activation=None if residual else act, batch_norm=bn,
+                            kernel_initializer=kernel_initializer, weight_decay=weight_decay,
+                            name=f"{name}_pointwise")
+            if residual:
+                x = shortcut(block_in, x, batch_norm=bn, kernel_initializer=kernel_initializer,
+                             weight_decay=weight_decay, name=name)
+                x = layers.Activation(act, name=f"{name}_out")(x)
+        x = stage_end(x, pool, drop, name=f"stage{i}")
+    outputs = dense_head(x, num_classes, head_dropout, weight_decay)
+    return keras.Model(inputs, outputs, name="separable")

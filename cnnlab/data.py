@@ -327,3 +327,30 @@ def build_datasets(data_cfg: dict, seed: int) -> Datasets:
         image_size=image_size, num_train=unbatched["train"][1], num_val=unbatched["val"][1],
         num_test=unbatched["test"][1] if "test" in unbatched else 0, batch_size=data_cfg["batch_size"],
     )
+
+
+def load_image(path: str, image_size) -> np.ndarray:
+    """One image file decoded (JPEG/PNG/BMP/GIF) and resized to `image_size`, as float32 in [0, 255]."""
+    if not os.path.isfile(path):
+        raise UserError(f"--image: no such file: {path}")
+    try:
+        image = decode_and_resize(tf.io.read_file(path), as_size(image_size))
+    except (tf.errors.InvalidArgumentError, tf.errors.UnknownError):
+        raise UserError(f"--image: {path} is not a readable image (JPEG, PNG, BMP or GIF).") from None
+    return image.numpy().astype(np.float32)
+
+
+def sample_image(data_cfg: dict, seed: int = 0) -> tuple[np.ndarray, str] | None:
+    """A representative input image of a config's data (the first validation image), or None when the source
+    is not at hand (TFDS not downloaded). Returns the image and where it came from."""
+    if data_cfg["source"] == "synthetic":
+        images, _ = synthetic_images(1, as_size(data_cfg["image_size"]), data_cfg["synthetic_classes"], seed)
+        return images[0].astype(np.float32), "synthetic"
+    if data_cfg["source"] == "folder" and data_cfg["path"] and os.path.isdir(data_cfg["path"]):
+        files, _ = folder_files(data_cfg, seed)
+        for path in files["val"][0]:
+            try:
+                return load_image(path, data_cfg["image_size"]), path
+            except UserError:
+                continue
+    return None

@@ -6,6 +6,7 @@ A run directory is the contract between training and everything that reads a run
         config.yaml              the resolved config (re-running it reproduces the run)
         checkpoints/best.keras   the model of the epoch with the best val accuracy
         checkpoints/last.keras   the model (with optimizer state) after the last completed epoch
+        checkpoints/initial.keras  the model as initialised, before any training
         logs/                    TensorBoard: loss, accuracy, learning rate per epoch; weight histograms
         history.csv              one row per completed epoch
         metrics.json             the best epoch and its val metrics
@@ -273,6 +274,27 @@ def _history_csv(rows: list[dict]) -> str:
     return out.getvalue()
 
 
+class KernelImages(keras.callbacks.Callback):
+    """Logs the first conv layer's kernels as one image per epoch, so TensorBoard shows filters as they learn."""
+
+    def __init__(self, log_dir: Path):
+        super().__init__()
+        self.log_dir = log_dir
+        self._writer = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        import tensorflow as tf
+
+        from cnnlab.plots import find_conv_layer, kernel_grid, layer_kernel
+
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(str(self.log_dir))
+        layer = find_conv_layer(self.model)
+        with self._writer.as_default():
+            tf.summary.image(f"kernels/{layer.name}", kernel_grid(layer_kernel(layer))[None], step=epoch)
+        self._writer.flush()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Entry points
 
@@ -327,6 +349,7 @@ def train(cfg: dict, config_files: list[str], *, resume: str | bool | None = Non
     else:
         state = fresh_state()  # killed before its first epoch ended: start over in the same directory
         model = build_model(cfg, data.num_classes)
+        save_model_atomic(model, run_dir / "checkpoints" / "initial.keras")  # for before-vs-after filter plots
 
     extra = {"class_names": data.class_names, "num_train": data.num_train, "num_val": data.num_val,
              "params": int(model.count_params())}
@@ -337,6 +360,8 @@ def train(cfg: dict, config_files: list[str], *, resume: str | bool | None = Non
             write_graph=False),
         checkpoint,
     ]
+    if cfg["runtime"]["log_kernel_images"]:
+        callbacks.insert(1, KernelImages(run_dir / "logs" / "kernels"))
     for phase in phases:
         if state["epoch"] >= phase["end"]:
             continue

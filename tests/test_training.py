@@ -216,3 +216,18 @@ def test_one_epoch_on_the_real_jpegs(shared_data, tmp_path):
     assert metrics["num_train"] == 2000 and metrics["num_val"] == 1000
     assert metrics["class_names"] == ["cats", "dogs"]
     assert 0.0 <= metrics["val_accuracy"] <= 1.0
+
+
+def test_tensorboard_holds_one_kernel_image_per_epoch(smoke_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _, _ = smoke_run
+    acc = EventAccumulator(str(run_dir / "logs" / "kernels"), size_guidance={"tensors": 0})
+    acc.Reload()
+    (tag,) = acc.Tags()["tensors"]
+    assert tag == "kernels/stage1_block1_conv"
+    events = acc.Tensors(tag)
+    assert [e.step for e in events] == list(range(len(read_history(run_dir))))
+    width, height, png = tf.make_ndarray(events[-1].tensor_proto)[:3]
+    image = tf.io.decode_png(png).numpy()
+    assert image.shape[:2] == (int(height), int(width)) and image.shape[0] > 24

@@ -1,0 +1,329 @@
+"""Pictures of filters: kernel grids, channel-mixing matrices, feature maps, classic filters, before vs after.
+
+Kernel tiles are scaled symmetrically around zero, so a weight of 0 is mid-gray, positive weights are lighter and
+negative ones darker (in colour tiles, per RGB channel). The grids are plain NumPy arrays (`kernel_grid`), which is
+what TensorBoard receives each epoch; the `plot_*` functions draw them with titles into Matplotlib figures.
+"""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and CI
+import keras  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from keras import layers  # noqa: E402
+
+from cnnlab import conv_math  # noqa: E402
+
+CONV_TYPES = (layers.Conv2D, layers.DepthwiseConv2D, layers.SeparableConv2D)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Finding kernels in a model
+
+
+def conv_layers(model: keras.Model) -> list[layers.Layer]:
+    """Every convolution layer in `model`, nested models included, input side first."""
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            found += conv_layers(layer)
+        elif isinstance(layer, CONV_TYPES):
+            found.append(layer)
+    return found
+
+
+def find_conv_layer(model: keras.Model, name: str | None = None) -> layers.Layer:
+    """The convolution layer called `name`, or the first one; a ValueError lists the names there are."""
+    convs = conv_layers(model)
+    if not convs:
+        raise ValueError(f"The model has no convolution layers. Received: model {model.name!r}")
+    if name is None:
+        return convs[0]
+    for layer in convs:
+        if layer.name == name:
+            return layer
+    names = ", ".join(layer.name for layer in convs[:12]) + (", ..." if len(convs) > 12 else "")
+    raise ValueError(f"No convolution layer of that name; layers are: {names}. Received: {name!r}")
+
+
+def layer_kernel(layer: layers.Layer) -> np.ndarray:
+    """The spatial kernel of a conv layer as (K_h, K_w, C_in, C_out); depthwise ones as (K_h, K_w, C, M)."""
+    kernel = layer.depthwise_kernel if isinstance(layer, layers.SeparableConv2D) else layer.kernel
+    return np.asarray(keras.ops.convert_to_numpy(kernel), dtype=np.float32)
+
+
+def kernel_kind(layer: layers.Layer) -> str:
+    """`"depthwise"`, `"pointwise"` (1x1) or `"standard"`."""
+    if isinstance(layer, (layers.DepthwiseConv2D, layers.SeparableConv2D)):
+        return "depthwise"
+    return "pointwise" if tuple(layer.kernel_size) == (1, 1) else "standard"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Grids as arrays
+
+
+def symmetric_scale(tiles: np.ndarray, per_tile: bool) -> np.ndarray:
+    """Maps weights to [0, 1] with 0 at 0.5: divides by the largest |weight| of each tile, or of all tiles.
+
+    Args:
+        tiles: (N, ...) one entry per tile.
+        per_tile: scale each tile on its own (shows each filter's pattern) or all together (shows which filters
+            are strong).
+    """
+    axes = tuple(range(1, tiles.ndim)) if per_tile else None
+    peak = np.max(np.abs(tiles), axis=axes, keepdims=per_tile)
+    peak = np.where(peak == 0, 1.0, peak)
+    return 0.5 + 0.5 * tiles / peak
+
+
+def tile_grid(tiles: np.ndarray, columns: int | None = None, zoom: int = 8, gap: int = 1,
+              background: float = 1.0) -> np.ndarray:
+    """Lays out (N, h, w[, 3]) tiles in [0, 1] as one image, each tile enlarged `zoom` times (nearest)."""
+    n, h, w = tiles.shape[:3]
+    channels = tiles.shape[3] if tiles.ndim == 4 else 1
+    tiles = tiles.reshape(n, h, w, channels)
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    th, tw = h * zoom, w * zoom
+    grid = np.full((rows * (th + gap) + gap, columns * (tw + gap) + gap, channels), background, np.float32)
+    for i in range(n):
+        r, c = divmod(i, columns)
+        big = np.repeat(np.repeat(tiles[i], zoom, axis=0), zoom, axis=1)
+        grid[gap + r * (th + gap): gap + r * (th + gap) + th, gap + c * (tw + gap): gap + c * (tw + gap) + tw] = big
+    return grid if channels == 3 else grid[..., 0]
+
+
+def kernel_grid(kernel: np.ndarray, per_tile: bool = True, zoom: int = 8, max_filters: int = 64) -> np.ndarray:
+    """One tile per filter: RGB tiles for 3-input-channel kernels, grayscale (channel mean) otherwise.
+
+    Args:
+        kernel: (K_h, K_w, C_in, C_out).
+        per_tile: scale each tile on its own, or all with one scale.
+        zoom: pixels per kernel weight.
+        max_filters: show at most this many filters.
+
+    Returns:
+        An (H, W, 3) image in [0, 1]; a zero kernel is mid-gray.
+    """
+    tiles = np.moveaxis(kernel[..., :max_filters], -1, 0)  # (N, K_h, K_w, C_in)
+    if tiles.shape[-1] != 3:
+        tiles = tiles.mean(axis=-1, keepdims=True)
+    scaled = symmetric_scale(tiles, per_tile)
+    if scaled.shape[-1] == 1:
+        scaled = np.repeat(scaled, 3, axis=-1)
+    return tile_grid(scaled, zoom=zoom)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Figures
+
+
+def _title(model_name: str, layer: layers.Layer, what: str) -> str:
+    return f"{model_name} / {layer.name} ({type(layer).__name__}, kernel {'x'.join(map(str, layer_kernel(layer).shape))}): {what}"
+
+
+def plot_kernels(layer: layers.Layer, model_name: str, per_tile: bool = True, max_filters: int = 64) -> plt.Figure:
+    """The layer's kernels as a grid, one tile per filter (RGB for 3-channel kernels)."""
+    kernel = layer_kernel(layer)
+    if kernel_kind(layer) == "depthwise":
+        return plot_depthwise(layer, model_name, per_tile, max_filters)
+    grid = kernel_grid(kernel, per_tile, max_filters=max_filters)
+    n = min(kernel.shape[-1], max_filters)
+    fig, ax = plt.subplots(figsize=(6, 6 * grid.shape[0] / grid.shape[1] + 0.6))
+    ax.imshow(grid, interpolation="nearest")
+    ax.set_axis_off()
+    colour = "RGB" if kernel.shape[2] == 3 else f"mean over {kernel.shape[2]} input channels"
+    ax.set_title(_title(model_name, layer, f"{n} filters, {colour}, {'per-tile' if per_tile else 'global'} scale; "
+                                           "gray = 0"), fontsize=8)
+    return fig
+
+
+def plot_kernels_by_channel(layer: layers.Layer, model_name: str, per_tile: bool = True, max_filters: int = 64,
+                            max_channels: int = 8) -> plt.Figure:
+    """One grayscale panel per input channel, each with one tile per filter: what each filter does to each channel."""
+    kernel = layer_kernel(layer)[..., :max_filters]
+    c_in = min(kernel.shape[2], max_channels)
+    tiles = np.moveaxis(kernel, -1, 0)  # (N, K, K, C_in)
+    scaled = symmetric_scale(tiles, per_tile)
+    names = ["R", "G", "B"] if kernel.shape[2] == 3 else [f"in {c}" for c in range(c_in)]
+    fig, axes = plt.subplots(1, c_in, figsize=(3.2 * c_in, 3.6), squeeze=False)
+    for c, ax in enumerate(axes[0]):
+        ax.imshow(tile_grid(scaled[..., c]), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(f"input channel {names[c]}", fontsize=9)
+        ax.set_axis_off()
+    fig.suptitle(_title(model_name, layer, "kernels by input channel"), fontsize=8)
+    return fig
+
+
+def plot_depthwise(layer: layers.Layer, model_name: str, per_tile: bool = True, max_filters: int = 64) -> plt.Figure:
+    """Depthwise kernels: one grayscale tile per (channel, multiplier): each filters one input channel only."""
+    kernel = layer_kernel(layer)  # (K, K, C, M)
+    tiles = kernel.reshape(*kernel.shape[:2], -1)[..., :max_filters]  # channel-major, like the layer's outputs
+    tiles = np.moveaxis(tiles, -1, 0)
+    fig, ax = plt.subplots(figsize=(6, 6.4))
+    ax.imshow(tile_grid(symmetric_scale(tiles, per_tile)), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_axis_off()
+    ax.set_title(_title(model_name, layer, f"one tile per channel ({tiles.shape[0]} shown)"), fontsize=8)
+    return fig
+
+
+def mixing_matrix(layer: layers.Layer) -> np.ndarray:
+    """A 1x1 conv's kernel as the (C_out, C_in) matrix that mixes channels at every pixel."""
+    kernel = keras.ops.convert_to_numpy(
+        layer.pointwise_kernel if isinstance(layer, layers.SeparableConv2D) else layer.kernel)
+    return np.asarray(kernel, np.float32)[0, 0].T
+
+
+def plot_mixing_matrix(layer: layers.Layer, model_name: str) -> plt.Figure:
+    """The C_out x C_in channel-mixing matrix of a 1x1 conv as a heat map (diverging, centred on 0)."""
+    matrix = mixing_matrix(layer)
+    peak = float(np.abs(matrix).max()) or 1.0
+    fig, ax = plt.subplots(figsize=(7, 6))
+    im = ax.imshow(matrix, cmap="RdBu_r", vmin=-peak, vmax=peak, aspect="auto", interpolation="nearest")
+    fig.colorbar(im, ax=ax, label="weight")
+    ax.set_xlabel(f"input channel (C_in = {matrix.shape[1]})")
+    ax.set_ylabel(f"output channel (C_out = {matrix.shape[0]})")
+    ax.set_title(_title(model_name, layer, "1x1 channel mixing"), fontsize=8)
+    return fig
+
+
+def plot_feature_maps(model: keras.Model, layer: layers.Layer, image: np.ndarray, model_name: str,
+                      max_maps: int = 32) -> plt.Figure:
+    """The activations of `layer` for one image, as a grid of maps, with the input beside them."""
+    maps = np.asarray(keras.ops.convert_to_numpy(activations(model, layer, image[None].astype("float32"))))[0]
+    n = min(maps.shape[-1], max_maps)
+    columns = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    fig = plt.figure(figsize=(3 + 1.5 * columns, 1.5 * rows + 0.8))
+    grid = fig.add_gridspec(rows, columns + 2)
+    ax = fig.add_subplot(grid[:, :2])
+    ax.imshow(np.clip(image, 0, 255).astype(np.uint8))
+    ax.set_title("input", fontsize=9)
+    ax.set_axis_off()
+    for i in range(n):
+        ax = fig.add_subplot(grid[i // columns, 2 + i % columns])
+        ax.imshow(maps[..., i], cmap="viridis")
+        ax.set_axis_off()
+        ax.set_title(str(i), fontsize=6)
+    fig.suptitle(f"{model_name} / {layer.name}: {n} of {maps.shape[-1]} feature maps, "
+                 f"{maps.shape[0]}x{maps.shape[1]}", fontsize=9)
+    return fig
+
+
+def _contains(model: keras.Model, layer: layers.Layer) -> bool:
+    return any(child is layer or (isinstance(child, keras.Model) and _contains(child, layer)) for child in model.layers)
+
+
+def activations(model: keras.Model, layer: layers.Layer, x: np.ndarray):
+    """The output of `layer` (wherever it is nested in `model`) for the input batch `x`, in inference mode."""
+    if any(child is layer for child in model.layers):
+        return keras.Model(model.inputs[0], layer.output)(x, training=False)
+    for child in model.layers:
+        if isinstance(child, keras.Model) and _contains(child, layer):
+            feed = child._inbound_nodes[0].input_tensors[0]  # the tensor of `model` that `child` is called on
+            inner_x = keras.Model(model.inputs[0], feed)(x, training=False) if feed is not model.inputs[0] else x
+            return activations(child, layer, inner_x)
+    raise ValueError(f"The layer is not part of the model. Received: {layer.name!r}")
+
+
+CLASSIC_FILTERS = {
+    "Sobel x": np.array([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]], np.float32),
+    "Sobel y": np.array([[-1, -2, -1], [0, 0, 0], [1, 2, 1]], np.float32),
+    "Gaussian blur": np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], np.float32) / 16,
+    "Laplacian": np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], np.float32),
+    "edge [[1,1],[-1,-1]]": np.array([[1, 1], [-1, -1]], np.float32),
+}
+
+
+def _fit_kernel(kernel: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Zero-pads (centred) or centre-crops a 2-D kernel to `size`, to compare kernels of different sizes."""
+    out = np.zeros(size, np.float32)
+    kh, kw = kernel.shape
+    h, w = min(kh, size[0]), min(kw, size[1])
+    sy, sx = (kh - h) // 2, (kw - w) // 2
+    dy, dx = (size[0] - h) // 2, (size[1] - w) // 2
+    out[dy:dy + h, dx:dx + w] = kernel[sy:sy + h, sx:sx + w]
+    return out
+
+
+def most_similar_filters(kernel: np.ndarray) -> dict[str, tuple[int, float]]:
+    """For each classic filter, the learned filter (channel-averaged) with the highest |cosine similarity|.
+
+    Returns:
+        name -> (filter index, signed cosine similarity); a negative value is the same detector, inverted.
+    """
+    learned = kernel.mean(axis=2)  # (K_h, K_w, C_out)
+    flat = learned.reshape(-1, learned.shape[-1])
+    norms = np.linalg.norm(flat, axis=0)
+    out = {}
+    for name, classic in CLASSIC_FILTERS.items():
+        ref = _fit_kernel(classic - classic.mean() if name == "Gaussian blur" else classic, learned.shape[:2])
+        ref = ref.reshape(-1)
+        # A blur is a smoothing, not a contrast, detector: compare it after removing its mean, like the others.
+        cos = flat.T @ ref / np.maximum(norms * np.linalg.norm(ref), 1e-12)
+        best = int(np.argmax(np.abs(cos)))
+        out[name] = (best, float(cos[best]))
+    return out
+
+
+def plot_classic_filters(image: np.ndarray, kernel: np.ndarray | None, title: str) -> plt.Figure:
+    """Classic hand-made filters applied to an image side by side (with the NumPy reference conv2d), and, when a
+    learned first-layer kernel is given, the learned filter most similar to each, named under it."""
+    gray = image.astype(np.float32).mean(axis=-1, keepdims=True)
+    similar = most_similar_filters(kernel) if kernel is not None else {}
+    n = len(CLASSIC_FILTERS) + 1
+    rows = 3 if kernel is not None else 2
+    fig, axes = plt.subplots(rows, n, figsize=(2.6 * n, 2.6 * rows + 0.4), squeeze=False)
+    axes[0, 0].imshow(np.clip(image, 0, 255).astype(np.uint8))
+    axes[0, 0].set_title("input", fontsize=9)
+    for ax in axes[1:, 0]:
+        ax.set_visible(False)
+    for i, (name, classic) in enumerate(CLASSIC_FILTERS.items(), start=1):
+        response = conv_math.conv2d(gray, classic[..., None, None], padding="same")[..., 0]
+        axes[0, i].imshow(response, cmap="gray")
+        axes[0, i].set_title(name, fontsize=9)
+        peak = np.abs(classic).max()
+        axes[1, i].imshow(classic, cmap="gray", vmin=-peak, vmax=peak, interpolation="nearest")
+        axes[1, i].set_title("kernel", fontsize=8)
+        if kernel is not None:
+            index, cos = similar[name]
+            tile = symmetric_scale(kernel[..., index][None], per_tile=True)[0]
+            axes[2, i].imshow(tile if tile.shape[-1] == 3 else tile.mean(-1), cmap="gray", interpolation="nearest")
+            axes[2, i].set_title(f"learned #{index}\ncos {cos:+.2f}", fontsize=8)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def plot_before_after(before: np.ndarray, after: np.ndarray, title: str, per_tile: bool = True,
+                      max_filters: int = 64) -> plt.Figure:
+    """Kernels at initialisation next to the trained ones, tile for tile."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.8))
+    for ax, kernel, name in ((axes[0], before, "at initialisation"), (axes[1], after, "trained")):
+        ax.imshow(kernel_grid(kernel, per_tile, max_filters=max_filters), interpolation="nearest")
+        ax.set_title(name, fontsize=10)
+        ax.set_axis_off()
+    fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def save_figure(fig: plt.Figure, path, svg: bool = False) -> list[str]:
+    """Writes the figure as PNG (and SVG when asked) and closes it; returns the paths written."""
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    written = [str(path.with_suffix(".png"))]
+    fig.savefig(written[0], dpi=120, bbox_inches="tight")
+    if svg:
+        written.append(str(path.with_suffix(".svg")))
+        fig.savefig(written[1], bbox_inches="tight")
+    plt.close(fig)
+    return written

@@ -1,0 +1,40 @@
+"""Reading a run directory back: its config and checkpoints. Everything that reads a run goes through here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+
+from cnnlab import config as config_lib
+from cnnlab.errors import UserError
+
+
+def run_config(run_dir: str | Path, overrides: list[str] = ()) -> dict:
+    """The saved config of a run, with `--set` overrides applied (e.g. another data.path)."""
+    saved = Path(run_dir) / "config.yaml"
+    if not saved.is_file():
+        raise UserError(f"--run: {run_dir} is not a run directory (no config.yaml).")
+    return config_lib.resolve([], list(overrides), base=config_lib.resolve([str(saved)]))
+
+
+def checkpoint_path(run_dir: str | Path, which: str = "best") -> Path:
+    """`checkpoints/<which>.keras` of a run; a missing one is a UserError."""
+    path = Path(run_dir) / "checkpoints" / f"{which}.keras"
+    if not path.is_file():
+        raise UserError(f"--run: {run_dir} has no checkpoints/{which}.keras (did its first epoch finish?).")
+    return path
+
+
+def load_checkpoint(path: str | Path) -> keras.Model:
+    """Loads a `.keras` checkpoint; a missing or unreadable file is a one-line UserError."""
+    import models  # noqa: F401  registers the project's custom layers for deserialization
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--checkpoint: no such file: {path}")
+    try:
+        return keras.models.load_model(path)
+    except Exception as e:  # Keras raises ValueError, OSError or zipfile errors for files that are not checkpoints
+        raise UserError(f"--checkpoint: {path} is not a loadable .keras model ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None

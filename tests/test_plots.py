@@ -1,0 +1,99 @@
+"""Filter pictures: tiles, scaling, orientation, mixing matrices, the CLI, and famous backbones out of the box."""
+
+import keras
+import numpy as np
+import pytest
+
+from cnnlab import config, plots
+from cnnlab.modeling import build_model
+from cnnlab.visualize import write_filter_figures
+from tests.conftest import REPO, assert_user_error, run_cli
+
+SOBEL_X = np.array([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]], np.float32)
+
+
+def test_one_tile_per_filter():
+    kernel = np.zeros((3, 3, 3, 10), np.float32)
+    for i in range(10):
+        kernel[..., i] = i + 1  # each filter one value: tiles of distinct grays under a global scale
+    grid = plots.kernel_grid(kernel, per_tile=False, zoom=2)
+    values = set(np.round(np.unique(grid), 5)) - {1.0}  # white background and the strongest tile share 1.0
+    assert len(values) + 1 == 10
+
+
+def test_a_zero_kernel_renders_mid_gray():
+    grid = plots.kernel_grid(np.zeros((3, 3, 3, 4), np.float32), zoom=1, )
+    tiles = grid[1:4, 1:4]  # the first tile, inside the 1-pixel gap
+    assert np.allclose(tiles, 0.5)
+    assert np.allclose(plots.symmetric_scale(np.zeros((2, 3, 3)), per_tile=False), 0.5)
+
+
+def test_sobel_x_in_a_first_layer_renders_dark_left_and_light_right():
+    inputs = keras.Input((16, 16, 3))
+    conv = keras.layers.Conv2D(2, 3, name="first")
+    model = keras.Model(inputs, conv(inputs))
+    weights = np.zeros((3, 3, 3, 2), np.float32)
+    weights[..., 0] = SOBEL_X[..., None]
+    conv.set_weights([weights, np.zeros(2, np.float32)])
+    grid = plots.kernel_grid(plots.layer_kernel(plots.find_conv_layer(model)), zoom=1)
+    tile = grid[1:4, 1:4]  # filter 0
+    assert np.all(tile[:, 0] < 0.5) and np.allclose(tile[:, 1], 0.5) and np.all(tile[:, 2] > 0.5)
+    assert tile[1, 0].mean() < tile[0, 0].mean()  # the -2 in the middle row is the darkest
+
+
+def test_one_by_one_heat_map_is_c_out_by_c_in():
+    inputs = keras.Input((8, 8, 6))
+    conv = keras.layers.Conv2D(4, 1, name="mix")
+    model = keras.Model(inputs, conv(inputs))
+    matrix = plots.mixing_matrix(model.get_layer("mix"))
+    assert matrix.shape == (4, 6)
+    assert np.array_equal(matrix, np.asarray(conv.kernel)[0, 0].T)
+    fig = plots.plot_mixing_matrix(model.get_layer("mix"), "m")
+    assert fig.axes[0].images[0].get_array().shape == (4, 6)
+
+
+def test_depthwise_kernels_get_one_tile_per_channel(tmp_path):
+    model = build_model(config.resolve([], ["model.name=separable", "data.image_size=[32,32]",
+                                            "model.separable.depth_multiplier=2"]), 2)
+    layer = plots.find_conv_layer(model, "stage1_block1_depthwise")
+    fig = plots.plot_kernels(layer, "sep")
+    assert "one tile per channel (64 shown)" in fig.axes[0].get_title()  # 32 channels x 2
+
+
+@pytest.mark.parametrize("backbone, layer, shape", [("vgg16", "block1_conv1", (3, 3, 3, 64)),
+                                                     ("resnet50", "conv1_conv", (7, 7, 3, 64))])
+def test_famous_first_layers_render_out_of_the_box(backbone, layer, shape, tmp_path):
+    cfg = config.resolve([str(REPO / f"configs/cats_vs_dogs_{backbone}.yaml")],
+                         ["model.transfer.weights=null", "data.image_size=[64,64]"])
+    model = build_model(cfg, 2)
+    first = plots.find_conv_layer(model)
+    assert first.name == layer and plots.layer_kernel(first).shape == shape
+    image = np.random.default_rng(0).uniform(0, 255, (64, 64, 3)).astype("float32")
+    written = write_filter_figures(model, backbone, tmp_path, image=image)
+    names = sorted(p.split("/")[-1] for p in written)
+    assert names == [f"{layer}_{n}.png" for n in ("classic_filters", "feature_maps", "kernels", "kernels_by_channel")]
+
+
+def test_most_similar_filter_finds_a_planted_sobel():
+    rng = np.random.default_rng(0)
+    kernel = rng.normal(0, 0.05, (3, 3, 3, 16)).astype(np.float32)
+    kernel[..., 11] = -SOBEL_X[..., None]  # an inverted Sobel x
+    best, cos = plots.most_similar_filters(kernel)["Sobel x"]
+    assert best == 11 and cos < -0.95
+
+
+def test_cli_on_a_trained_run_writes_figures_and_says_where(tmp_path):
+    proc = run_cli("train.py", "--config", "configs/smoke.yaml", "--set", f"run.dir={tmp_path}", "--set",
+                   "run.name=r", "--set", "training.epochs=1", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_cli("visualize_filters.py", "--run", str(tmp_path / "r"), "--svg", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    written = [line.removeprefix("Wrote ") for line in proc.stdout.splitlines() if line.startswith("Wrote ")]
+    expected = {"kernels", "kernels_by_channel", "feature_maps", "classic_filters", "before_after"}
+    assert {p.split("stage1_block1_conv_")[1].rsplit(".", 1)[0] for p in written} == expected
+    assert all((tmp_path / "r" / "figures").joinpath(p.split("/")[-1]).stat().st_size > 1000 for p in written)
+    assert any(p.endswith(".svg") for p in written)
+    assert_user_error(run_cli("visualize_filters.py", "--run", str(tmp_path / "r"), "--layer", "nope"),
+                      "--layer", "stage1_block1_conv", "Received: 'nope'")
+    assert_user_error(run_cli("visualize_filters.py", "--checkpoint", str(tmp_path / "missing.keras")),
+                      "no such file")

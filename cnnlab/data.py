@@ -169,7 +169,7 @@ def folder_files(data_cfg: dict, seed: int) -> tuple[dict[str, tuple[list[str], 
 
 def _folder_dataset(paths: list[str], labels: list[int], image_size) -> tf.data.Dataset:
     ds = tf.data.Dataset.from_tensor_slices((paths, np.asarray(labels, np.int32)))
-    ds = ds.map(lambda p, y: (decode_and_resize(tf.io.read_file(p), image_size), y), num_parallel_calls=AUTOTUNE)
+    ds = ds.map(lambda p, y: (decode_and_resize(tf.io.read_file(p), image_size), y, p), num_parallel_calls=AUTOTUNE)
     # A file that passed the listing but fails to decode is dropped rather than ending the epoch.
     return ds.ignore_errors()
 
@@ -266,8 +266,9 @@ def _tfds_datasets(data_cfg: dict, image_size, seed: int):
     label_feature = builder.info.features["label"]
     out = {}
     for split, spec in split_names.items():
-        ds = builder.as_dataset(split=spec, as_supervised=True, shuffle_files=False)
-        ds = ds.map(lambda x, y: (decode_and_resize_tensor(x, image_size), tf.cast(y, tf.int32)),
+        ds = builder.as_dataset(split=spec, as_supervised=True, shuffle_files=False).enumerate()
+        ds = ds.map(lambda i, xy: (decode_and_resize_tensor(xy[0], image_size), tf.cast(xy[1], tf.int32),
+                                   tf.strings.join([spec, "#", tf.strings.as_string(i)])),
                     num_parallel_calls=AUTOTUNE)
         out[split] = (ds.ignore_errors(), builder.info.splits[spec].num_examples)
     return out, list(label_feature.names)
@@ -284,6 +285,32 @@ def decode_and_resize_tensor(image: tf.Tensor, image_size) -> tf.Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def source_splits(data_cfg: dict, seed: int) -> tuple[dict[str, tuple[tf.data.Dataset, int]], list[str]]:
+    """The unbatched splits of the configured source and the class names.
+
+    Each split is `(dataset, number of examples)`; the dataset yields `(uint8 image, int32 label, id)` where `id` is
+    the file path (folder), `"<split spec>#<index>"` (TFDS) or `"<split>#<index>"` (synthetic).
+    """
+    image_size = as_size(data_cfg["image_size"])
+    source = data_cfg["source"]
+    splits: dict[str, tuple[tf.data.Dataset, int]] = {}
+    if source == "synthetic":
+        n = data_cfg["synthetic_size"]
+        k = data_cfg["synthetic_classes"]
+        for i, (split, size) in enumerate((("train", n), ("val", n // 4), ("test", n // 4))):
+            images, labels = synthetic_images(size, image_size, k, seed + 1000 * i)
+            ids = [f"{split}#{j}" for j in range(size)]
+            splits[split] = (tf.data.Dataset.from_tensor_slices((images, labels, ids)), size)
+        class_names = [f"orientation_{round(c * 180 / k)}deg" for c in range(k)]
+    elif source == "folder":
+        files, class_names = folder_files(data_cfg, seed)
+        for split, (paths, labels) in files.items():
+            splits[split] = (_folder_dataset(paths, labels, image_size), len(paths))
+    else:
+        splits, class_names = _tfds_datasets(data_cfg, image_size, seed)
+    return splits, class_names
+
+
 def build_datasets(data_cfg: dict, seed: int) -> Datasets:
     """Builds the train, val and (where the source has one) test pipelines of the `data` config section.
 
@@ -292,40 +319,25 @@ def build_datasets(data_cfg: dict, seed: int) -> Datasets:
         seed: shuffling and split seed (the run seed).
 
     Returns:
-        A `Datasets` with batched pipelines and the class names.
+        A `Datasets` with batched `(image, label)` pipelines and the class names.
 
     Raises:
         UserError: a missing or malformed folder, an unknown or unreachable TFDS dataset.
     """
-    image_size = as_size(data_cfg["image_size"])
-    source = data_cfg["source"]
-    unbatched: dict[str, tuple[tf.data.Dataset, int]] = {}
-    if source == "synthetic":
-        n = data_cfg["synthetic_size"]
-        k = data_cfg["synthetic_classes"]
-        for i, (split, size) in enumerate((("train", n), ("val", n // 4), ("test", n // 4))):
-            images, labels = synthetic_images(size, image_size, k, seed + 1000 * i)
-            unbatched[split] = (tf.data.Dataset.from_tensor_slices((images, labels)), size)
-        class_names = [f"orientation_{round(c * 180 / k)}deg" for c in range(k)]
-    elif source == "folder":
-        files, class_names = folder_files(data_cfg, seed)
-        for split, (paths, labels) in files.items():
-            unbatched[split] = (_folder_dataset(paths, labels, image_size), len(paths))
-    else:
-        unbatched, class_names = _tfds_datasets(data_cfg, image_size, seed)
-
+    splits, class_names = source_splits(data_cfg, seed)
     cache = data_cfg["cache"]
     built = {}
-    for split, (ds, _) in unbatched.items():
+    for split, (ds, _) in splits.items():
         split_cache = cache if cache in ("memory", "none") else f"{cache}.{split}"
         built[split] = _finish(
-            ds, training=split == "train", cache=split_cache, batch_size=data_cfg["batch_size"],
-            num_classes=len(class_names), shuffle_buffer=data_cfg["shuffle_buffer"], seed=seed,
+            ds.map(lambda x, y, _id: (x, y)), training=split == "train", cache=split_cache,
+            batch_size=data_cfg["batch_size"], num_classes=len(class_names),
+            shuffle_buffer=data_cfg["shuffle_buffer"], seed=seed,
         )
     return Datasets(
         train=built["train"], val=built["val"], test=built.get("test"), class_names=class_names,
-        image_size=image_size, num_train=unbatched["train"][1], num_val=unbatched["val"][1],
-        num_test=unbatched["test"][1] if "test" in unbatched else 0, batch_size=data_cfg["batch_size"],
+        image_size=as_size(data_cfg["image_size"]), num_train=splits["train"][1], num_val=splits["val"][1],
+        num_test=splits["test"][1] if "test" in splits else 0, batch_size=data_cfg["batch_size"],
     )
 
 

@@ -1,0 +1,66 @@
+"""Classify your own photos with a trained model.
+
+    python predict.py my_cat.jpg --run runs/<name>
+    python predict.py photos/ --run runs/<name> --csv predictions.csv
+    python predict.py photos/ --checkpoint model.keras --class-names cats,dogs
+
+Images are decoded and resized exactly as in training; the model carries its own preprocessing.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+from cnnlab import cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = cli.ArgumentParser(prog="predict.py", description=__doc__,
+                                formatter_class=cli.argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("target", metavar="IMAGE_OR_FOLDER", help="an image file, or a folder searched recursively")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", metavar="RUN_DIR", help="a run directory (its best checkpoint)")
+    source.add_argument("--checkpoint", metavar="FILE", help="a .keras checkpoint")
+    parser.add_argument("--class-names", help="comma-separated class names, for a checkpoint outside a run")
+    parser.add_argument("--csv", metavar="FILE", help="also write the predictions to a CSV file")
+    args = parser.parse_args(argv)
+
+    from cnnlab.errors import UserError
+    from cnnlab.evaluation import image_files, num_model_classes, predict_files
+    from cnnlab.runs import checkpoint_path, load_checkpoint
+
+    files = image_files(args.target)
+    ckpt = checkpoint_path(args.run, "best") if args.run else Path(args.checkpoint)
+    model = load_checkpoint(ckpt)
+    n = num_model_classes(model)
+    metrics = ckpt.parent.parent / "metrics.json"  # a checkpoint inside a run knows its class names
+    if args.class_names:
+        class_names = [c.strip() for c in args.class_names.split(",")]
+    elif metrics.is_file() and "class_names" in json.loads(metrics.read_text()):
+        class_names = json.loads(metrics.read_text())["class_names"]
+    else:
+        class_names = [f"class_{i}" for i in range(n)]
+    if len(class_names) != n:
+        raise UserError(f"--class-names: the model predicts {n} classes. Received: {len(class_names)} names")
+
+    rows, unreadable = predict_files(model, files, class_names)
+    if len(files) == 1 and unreadable:
+        raise UserError(f"IMAGE_OR_FOLDER: {files[0]} is not a readable image (JPEG, PNG, BMP or GIF).")
+    for f in unreadable:
+        print(f"skipped (not a readable image): {f}", file=sys.stderr)
+    for row in rows:
+        print(f"{row['label']:<12} {row['probability']:.4f}  {row['file']}")
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["file", "label", "probability"])
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"Wrote {args.csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Callable, NoReturn
 
-from cnnlab.errors import UserError
+from cnnlab.errors import TrainingError, UserError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -31,6 +31,9 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -31,10 +32,29 @@ from cnnlab.errors import UserError
 DEFAULTS_FILE = Path(__file__).resolve().parent.parent / "configs" / "defaults.yaml"
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-5` (no dot) as a string; people write learning rates that way, so read it as a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def _load_yaml(text_or_file):
+    return yaml.load(text_or_file, Loader=_Loader)
+
+
 def load_defaults() -> dict:
     """Returns a fresh copy of the defaults from `configs/defaults.yaml`."""
     with open(DEFAULTS_FILE) as f:
-        return yaml.safe_load(f)
+        return _load_yaml(f)
 
 
 def _read_yaml(path: str) -> dict:
@@ -42,7 +62,7 @@ def _read_yaml(path: str) -> dict:
         raise UserError(f"{path}: config file not found.")
     try:
         with open(path) as f:
-            data = yaml.safe_load(f)
+            data = _load_yaml(f)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
@@ -81,7 +101,7 @@ def parse_set(item: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise UserError(f"--set {item}: expected key.sub=value.")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return key.strip(), value

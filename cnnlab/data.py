@@ -14,10 +14,13 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
@@ -42,6 +45,8 @@ class Datasets:
     num_val: int
     num_test: int
     batch_size: int
+    skipped: list[str] = field(default_factory=list)   # files that could not be decoded (folder source)
+    ignored: list[str] = field(default_factory=list)   # hidden or non-image files (folder source)
 
     @property
     def num_classes(self) -> int:
@@ -90,10 +95,11 @@ def _class_dirs(split_dir: str) -> list[str]:
     )
 
 
-def list_images(split_dir: str, class_names: list[str] | None = None) -> tuple[list[str], list[int], list[str]]:
+def list_images(split_dir: str, class_names: list[str] | None = None,
+                ignored: list[str] | None = None) -> tuple[list[str], list[int], list[str]]:
     """Image files under `split_dir/<class>/`, with their class ids and the sorted class names.
 
-    Hidden files and files without an image extension are left out.
+    Hidden files and files without an image extension are left out (and appended to `ignored` when given).
     """
     found = _class_dirs(split_dir)
     if class_names is None:
@@ -105,11 +111,10 @@ def list_images(split_dir: str, class_names: list[str] | None = None) -> tuple[l
     paths, labels = [], []
     for label, name in enumerate(class_names):
         class_dir = os.path.join(split_dir, name)
-        files = sorted(
-            f for f in os.listdir(class_dir)
-            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
-            and os.path.isfile(os.path.join(class_dir, f))
-        )
+        entries = sorted(f for f in os.listdir(class_dir) if os.path.isfile(os.path.join(class_dir, f)))
+        files = [f for f in entries if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
+        if ignored is not None:
+            ignored += [os.path.join(class_dir, f) for f in entries if f not in set(files)]
         if not files:
             raise UserError(f"data.path: class folder {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
         paths += [os.path.join(class_dir, f) for f in files]
@@ -143,28 +148,71 @@ def _stratified_split(paths, labels, fraction: float, seed: int):
     return pick(keep), pick(held)
 
 
-def folder_files(data_cfg: dict, seed: int) -> tuple[dict[str, tuple[list[str], list[int]]], list[str]]:
+def folder_files(data_cfg: dict, seed: int,
+                 ignored: list[str] | None = None) -> tuple[dict[str, tuple[list[str], list[int]]], list[str]]:
     """The files and labels of each split of a folder source, and the class names."""
     root = data_cfg["path"]
     split_dirs = find_split_dirs(root)
     if "train" in split_dirs:
+        paths, labels, class_names = list_images(split_dirs["train"], ignored=ignored)
         if "val" not in split_dirs:
-            paths, labels, class_names = list_images(split_dirs["train"])
             train, val = _stratified_split(paths, labels, data_cfg["validation_split"], seed)
             splits = {"train": train, "val": val}
         else:
-            paths, labels, class_names = list_images(split_dirs["train"])
             splits = {"train": (paths, labels)}
-            splits["val"] = list_images(split_dirs["val"], class_names)[:2]
+            splits["val"] = list_images(split_dirs["val"], class_names, ignored)[:2]
         if "test" in split_dirs:
-            splits["test"] = list_images(split_dirs["test"], class_names)[:2]
+            splits["test"] = list_images(split_dirs["test"], class_names, ignored)[:2]
     else:
-        paths, labels, class_names = list_images(root)
+        paths, labels, class_names = list_images(root, ignored=ignored)
         train, val = _stratified_split(paths, labels, data_cfg["validation_split"], seed)
         splits = {"train": train, "val": val}
     if len(class_names) < 2:
         raise UserError(f"data.path: {root} must hold at least two class folders. Received: {class_names}")
     return splits, class_names
+
+
+def scan_cache_dir() -> Path:
+    """Where image-scan results are kept: $XDG_CACHE_HOME/cnnlab/scans (data folders may be read-only)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "cnnlab" / "scans"
+
+
+def scan_images(paths: list[str]) -> list[str]:
+    """The files among `paths` that cannot be decoded as images, decoding each file once per change.
+
+    Every file is decoded (in parallel, by the same decoder as training); results are cached by path, size and
+    modification time, so a second scan of an unchanged folder only stats the files.
+    """
+    if not paths:
+        return []
+    root = os.path.commonpath([os.path.abspath(p) for p in paths])
+    cache_file = scan_cache_dir() / (hashlib.sha1(root.encode()).hexdigest()[:16] + ".json")
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    stamps = {}
+    for p in paths:
+        st = os.stat(p)
+        stamps[p] = [st.st_size, st.st_mtime_ns]
+    todo = [p for p in paths if cache.get(p, [None, None, None])[:2] != stamps[p]]
+    if todo:
+        ds = tf.data.Dataset.from_tensor_slices(todo)
+        ds = ds.map(lambda p: (p, tf.shape(tf.io.decode_image(tf.io.read_file(p), channels=3,
+                                                                  expand_animations=False))),
+                    num_parallel_calls=AUTOTUNE, deterministic=False).ignore_errors()
+        good = {p.decode() for p, _ in ds.as_numpy_iterator()}
+        for p in todo:
+            cache[p] = stamps[p] + [p in good]
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cache))
+            os.replace(tmp, cache_file)
+        except OSError:
+            pass  # an unwritable cache only costs a re-scan next time
+    return [p for p in paths if not cache[p][2]]
 
 
 def _folder_dataset(paths: list[str], labels: list[int], image_size) -> tf.data.Dataset:
@@ -285,12 +333,24 @@ def decode_and_resize_tensor(image: tf.Tensor, image_size) -> tf.Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def source_splits(data_cfg: dict, seed: int) -> tuple[dict[str, tuple[tf.data.Dataset, int]], list[str]]:
+@dataclass
+class SourceReport:
+    """What a folder source left out: undecodable files (skipped) and hidden or non-image files (ignored)."""
+
+    skipped: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+
+def source_splits(data_cfg: dict, seed: int,
+                  report: SourceReport | None = None) -> tuple[dict[str, tuple[tf.data.Dataset, int]], list[str]]:
     """The unbatched splits of the configured source and the class names.
 
     Each split is `(dataset, number of examples)`; the dataset yields `(uint8 image, int32 label, id)` where `id` is
-    the file path (folder), `"<split spec>#<index>"` (TFDS) or `"<split>#<index>"` (synthetic).
+    the file path (folder), `"<split spec>#<index>"` (TFDS) or `"<split>#<index>"` (synthetic). Folder sources are
+    scanned first: undecodable files are skipped (`data.on_bad_image: skip`) or stop everything (`fail`); both
+    they and the ignored files are recorded in `report`.
     """
+    report = report if report is not None else SourceReport()
     image_size = as_size(data_cfg["image_size"])
     source = data_cfg["source"]
     splits: dict[str, tuple[tf.data.Dataset, int]] = {}
@@ -303,9 +363,16 @@ def source_splits(data_cfg: dict, seed: int) -> tuple[dict[str, tuple[tf.data.Da
             splits[split] = (tf.data.Dataset.from_tensor_slices((images, labels, ids)), size)
         class_names = [f"orientation_{round(c * 180 / k)}deg" for c in range(k)]
     elif source == "folder":
-        files, class_names = folder_files(data_cfg, seed)
+        files, class_names = folder_files(data_cfg, seed, report.ignored)
+        bad = set(scan_images([p for paths, _ in files.values() for p in paths]))
+        if bad and data_cfg["on_bad_image"] == "fail":
+            first = next(p for paths, _ in files.values() for p in paths if p in bad)
+            raise UserError(f"data.on_bad_image=fail: {first} cannot be decoded as an image "
+                            f"({len(bad)} such files in data.path); remove them or set data.on_bad_image=skip.")
         for split, (paths, labels) in files.items():
-            splits[split] = (_folder_dataset(paths, labels, image_size), len(paths))
+            kept = [(p, y) for p, y in zip(paths, labels) if p not in bad]
+            report.skipped += [p for p in paths if p in bad]
+            splits[split] = (_folder_dataset([p for p, _ in kept], [y for _, y in kept], image_size), len(kept))
     else:
         splits, class_names = _tfds_datasets(data_cfg, image_size, seed)
     return splits, class_names
@@ -324,7 +391,8 @@ def build_datasets(data_cfg: dict, seed: int) -> Datasets:
     Raises:
         UserError: a missing or malformed folder, an unknown or unreachable TFDS dataset.
     """
-    splits, class_names = source_splits(data_cfg, seed)
+    report = SourceReport()
+    splits, class_names = source_splits(data_cfg, seed, report)
     cache = data_cfg["cache"]
     built = {}
     for split, (ds, _) in splits.items():
@@ -338,6 +406,7 @@ def build_datasets(data_cfg: dict, seed: int) -> Datasets:
         train=built["train"], val=built["val"], test=built.get("test"), class_names=class_names,
         image_size=as_size(data_cfg["image_size"]), num_train=splits["train"][1], num_val=splits["val"][1],
         num_test=splits["test"][1] if "test" in splits else 0, batch_size=data_cfg["batch_size"],
+        skipped=report.skipped, ignored=report.ignored,
     )
 
 

@@ -6,3 +6,10 @@ class UserError(Exception):
 
     The message is one line that names the file, flag or key, what is allowed, and what was received.
     """
+
+
+class TrainingError(Exception):
+    """Training had to stop (a NaN loss, a failed checkpoint write); the run directory keeps the last good epoch.
+
+    The command-line tools print the one-line message and exit with status 1.
+    """

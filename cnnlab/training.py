@@ -21,6 +21,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
+import signal
 import os
 import shutil
 import sys
@@ -33,7 +35,7 @@ import keras
 
 from cnnlab import config as config_lib
 from cnnlab.data import Datasets, build_datasets
-from cnnlab.errors import UserError
+from cnnlab.errors import TrainingError, UserError
 from cnnlab.modeling import build_model
 from cnnlab.report import format_report, model_report
 from cnnlab.runtime import set_precision, set_seed
@@ -56,13 +58,20 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def save_model_atomic(model: keras.Model, path: Path) -> None:
-    """Saves a `.keras` checkpoint through a temporary file and a rename; the previous one stays until then."""
+    """Saves a `.keras` checkpoint through a temporary file and a rename; the previous one stays until then.
+
+    Raises:
+        TrainingError: the file could not be written (a full disk, a lost mount); earlier checkpoints are kept.
+    """
     tmp = path.with_name(f"{path.stem}.tmp.keras")  # Keras insists on the .keras suffix
     try:
         model.save(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise TrainingError(f"could not write checkpoint {path} ({e.strerror or e}); the checkpoints written before "
+                            f"it are kept in {path.parent}. Free some space, then resume.") from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -203,6 +212,22 @@ def unfreeze_for_fine_tuning(model: keras.Model, which: int | str) -> list[str]:
         raise UserError(f"training.fine_tune.unfreeze: {e}") from None
 
 
+def carry_optimizer_state(previous: keras.optimizers.Optimizer, model: keras.Model) -> None:
+    """Copies a loaded optimizer's variables (step count, moments) into the model's new optimizer, except the
+    learning rate, which comes from the config. A different optimizer type starts with fresh moments."""
+    new = model.optimizer
+    new.build(model.trainable_variables)
+    old = {v.path: v for v in previous.variables}
+    if type(previous) is not type(new):
+        print(f"Note: the optimizer changed from {type(previous).__name__} to {type(new).__name__}; "
+              "its moments start afresh.")
+    for var in new.variables:
+        source = old.get(var.path)
+        if var.name == "learning_rate" or source is None or tuple(source.shape) != tuple(var.shape):
+            continue
+        var.assign(source)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The callback that keeps the run directory
 
@@ -215,6 +240,9 @@ class RunCheckpoint(keras.callbacks.Callback):
 
     def __init__(self, run_dir: Path, state: dict, extra_metrics: dict):
         super().__init__()
+        self.stop_reason: str | None = None   # set when training stops early: "nan" or "interrupt"
+        self.stop_where = ""
+        self.interrupt_requested = False      # set by the SIGINT handler; acted on at the end of the step
         self.run_dir = run_dir
         self.ckpt_dir = run_dir / "checkpoints"
         self.state = state
@@ -228,8 +256,23 @@ class RunCheckpoint(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_start = time.perf_counter()
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self.stop_reason, self.stop_where = "nan", f"epoch {self._epoch + 1}, batch {batch + 1}"
+            self.model.stop_training = True
+        elif self.interrupt_requested:
+            self.stop_reason, self.stop_where = "interrupt", f"epoch {self._epoch + 1}, batch {batch + 1}"
+            self.model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):
+        if self.stop_reason:
+            return  # a partial epoch, or NaN weights: the files of the last complete epoch stay as they are
+        if self.interrupt_requested:  # Ctrl-C during validation: this epoch is complete, save it, then stop
+            self.stop_reason, self.stop_where = "interrupt", f"the end of epoch {epoch + 1}"
+            self.model.stop_training = True
         logs = dict(logs or {})
         now = time.perf_counter()
         row = {"epoch": epoch + 1}
@@ -313,6 +356,59 @@ def describe(cfg: dict, data: Datasets, model: keras.Model) -> str:
     return "\n".join(lines)
 
 
+def report_left_out(data: Datasets, run_dir: Path) -> None:
+    """Says which files a folder source left out, and lists the undecodable ones in the run directory."""
+    if data.skipped:
+        write_text_atomic(run_dir / "bad_images.txt", "".join(f"{p}\n" for p in data.skipped))
+        shown = ", ".join(data.skipped[:3]) + (", ..." if len(data.skipped) > 3 else "")
+        print(f"Skipped {len(data.skipped)} files that cannot be decoded as images ({shown}); the full list is in "
+              f"{run_dir / 'bad_images.txt'}.")
+    if data.ignored:
+        print(f"Ignored {len(data.ignored)} hidden or non-image files (by extension) in data.path.")
+
+
+class stop_on_first_interrupt:
+    """While training: the first Ctrl-C asks the run to stop at the end of the current step; a second one stops
+    at once."""
+
+    def __init__(self, checkpoint: RunCheckpoint):
+        self.checkpoint = checkpoint
+        self.previous = None
+
+    def _handler(self, signum, frame):
+        if self.checkpoint.interrupt_requested:
+            raise KeyboardInterrupt
+        self.checkpoint.interrupt_requested = True
+        print("\nStopping at the end of this step (Ctrl-C again to stop at once)...", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        try:
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread: leave Ctrl-C alone
+            self.previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
+
+
+def raise_stop(checkpoint: RunCheckpoint, run_dir: Path, cfg: dict) -> None:
+    """Ends a run that stopped early: an interrupt exits 130 with the resume command; a NaN loss is an error."""
+    done = checkpoint.state["epoch"]
+    saved = f"epochs 1-{done} are saved in {run_dir}" if done else "no epoch was completed"
+    if checkpoint.stop_reason == "interrupt":
+        print(f"Interrupted at {checkpoint.stop_where}; {saved}. Resume with:\n"
+              f"  python train.py --resume {run_dir}", flush=True)
+        raise SystemExit(130)
+    hint = "lower training.learning_rate"
+    if cfg["runtime"]["precision"] != "float32":
+        hint += " or set runtime.precision=float32"
+    raise TrainingError(f"the loss became NaN or infinite at {checkpoint.stop_where}; {hint}. The last good "
+                        f"checkpoints ({saved}) are in {run_dir / 'checkpoints'}.")
+
+
 def train(cfg: dict, config_files: list[str], *, resume: str | bool | None = None, overwrite: bool = False,
           dry_run: bool = False) -> Path | None:
     """Trains the model a resolved config describes and returns its run directory.
@@ -339,6 +435,7 @@ def train(cfg: dict, config_files: list[str], *, resume: str | bool | None = Non
         state = fresh_state()
     (run_dir / "checkpoints").mkdir(exist_ok=True)
     write_text_atomic(run_dir / "config.yaml", config_lib.dump(cfg))
+    report_left_out(data, run_dir)
 
     phases = training_phases(cfg)
     total_epochs = phases[-1]["end"]
@@ -365,20 +462,26 @@ def train(cfg: dict, config_files: list[str], *, resume: str | bool | None = Non
     for phase in phases:
         if state["epoch"] >= phase["end"]:
             continue
-        if state.get("phase") != phase["name"]:
-            # Entering the phase (not resuming inside it): set what trains and start a fresh optimizer.
-            if phase["name"] == "fine_tune":
-                unfrozen = unfreeze_for_fine_tuning(model, cfg["training"]["fine_tune"]["unfreeze"])
-                print(f"Fine-tuning {len(unfrozen)} backbone layers from {unfrozen[0] if unfrozen else '-'} "
-                      f"at learning rate {phase['training']['learning_rate']:g}.")
-            compile_model(model, phase["training"], data.num_classes, data.steps_per_epoch)
+        entering = state.get("phase") != phase["name"]
+        if entering and phase["name"] == "fine_tune":
+            unfrozen = unfreeze_for_fine_tuning(model, cfg["training"]["fine_tune"]["unfreeze"])
+            print(f"Fine-tuning {len(unfrozen)} backbone layers from {unfrozen[0] if unfrozen else '-'} "
+                  f"at learning rate {phase['training']['learning_rate']:g}.")
+        # Entering a phase starts a fresh optimizer. Resuming inside one rebuilds it from the current config (which
+        # may add epochs or change the learning rate) and carries the checkpoint's step count and moments over.
+        previous = None if entering else model.optimizer
+        compile_model(model, phase["training"], data.num_classes, data.steps_per_epoch)
+        if previous is not None:
+            carry_optimizer_state(previous, model)
         state["phase"] = phase["name"]
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), stop_on_first_interrupt(checkpoint):
             # Folder pipelines skip undecodable files, so their length is unknown until the first epoch ends; Keras
             # then warns that the input "ran out of data", which is exactly how it learns the epoch length.
             warnings.filterwarnings("ignore", message="Your input ran out of data")
             model.fit(data.train, validation_data=data.val, epochs=phase["end"], initial_epoch=state["epoch"],
                       callbacks=callbacks, shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
+        if checkpoint.stop_reason:
+            raise_stop(checkpoint, run_dir, cfg)
     best = state["best_val_accuracy"]
     best_text = f"{best:.4f} (epoch {state['best_epoch']})" if best is not None else "n/a"
     print(f"Run directory: {run_dir}  best val_accuracy: {best_text}")

@@ -232,7 +232,9 @@ RULES: dict[str, Callable] = {
         "a number of layers >= 0 or a layer name"),
     "run.name": _optional_str,
     "run.seed": _int_at_least(0),
-    "runtime.precision": _choice("float32", "mixed_float16", "mixed_bfloat16"),
+    "runtime.precision": _choice("float32", "mixed_float16", "mixed_bfloat16", "auto"),
+    "runtime.jit_compile": lambda v: None if isinstance(v, bool) or v == "auto" else "true, false or 'auto'",
+    "runtime.strategy": _choice("auto", "default", "mirrored", "multi_worker"),
 }
 
 
@@ -300,6 +302,11 @@ def _check_cross_keys(cfg: dict, origins: dict) -> None:
     if cfg["training"]["warmup_epochs"] >= cfg["training"]["epochs"] > 1:
         fail("training.warmup_epochs", "training.warmup_epochs must be < training.epochs. "
              f"Received: {cfg['training']['warmup_epochs']}")
+    runtime = cfg["runtime"]
+    if runtime["strategy"] == "multi_worker" or (runtime["strategy"] == "auto" and os.environ.get("TF_CONFIG")):
+        if not cfg["run"]["name"]:
+            fail("run.name", "training on several machines needs an explicit run.name, so that every worker "
+                 "agrees on the run directory; pass --set run.name=NAME.")
     weights = model["transfer"]["weights"]
     if model["name"] == "transfer" and weights not in (None, "imagenet") and not os.path.isfile(weights):
         fail("model.transfer.weights", "model.transfer.weights must be 'imagenet', null or an existing weights "

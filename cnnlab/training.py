@@ -26,6 +26,7 @@ import signal
 import os
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 from datetime import datetime
@@ -38,7 +39,7 @@ from cnnlab.data import Datasets, build_datasets
 from cnnlab.errors import TrainingError, UserError
 from cnnlab.modeling import build_model
 from cnnlab.report import format_report, model_report
-from cnnlab.runtime import set_precision, set_seed
+from cnnlab.runtime import enable_memory_growth, make_strategy, resolve_jit, set_precision, set_seed
 
 STATE_FILE = "state.json"
 
@@ -175,7 +176,8 @@ def make_optimizer(training_cfg: dict, steps_per_epoch: int) -> keras.optimizers
     return opt
 
 
-def compile_model(model: keras.Model, training_cfg: dict, num_classes: int, steps_per_epoch: int) -> None:
+def compile_model(model: keras.Model, training_cfg: dict, num_classes: int, steps_per_epoch: int,
+                  jit_compile: bool | str = "auto") -> None:
     """Compiles with the loss and accuracy that match the head: binary (sigmoid) or categorical (softmax)."""
     smoothing = training_cfg["label_smoothing"]
     if num_classes == 2:
@@ -184,7 +186,8 @@ def compile_model(model: keras.Model, training_cfg: dict, num_classes: int, step
     else:
         loss = keras.losses.CategoricalCrossentropy(label_smoothing=smoothing)
         metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
-    model.compile(optimizer=make_optimizer(training_cfg, steps_per_epoch), loss=loss, metrics=metrics)
+    model.compile(optimizer=make_optimizer(training_cfg, steps_per_epoch), loss=loss, metrics=metrics,
+                  jit_compile=jit_compile)
 
 
 def training_phases(cfg: dict) -> list[dict]:
@@ -420,22 +423,42 @@ def train(cfg: dict, config_files: list[str], *, resume: str | bool | None = Non
         overwrite: replace an existing run directory of the same explicit `run.name`.
         dry_run: build the data pipeline and model, print them, and return None without training.
     """
-    set_seed(cfg["run"]["seed"])
-    set_precision(cfg["runtime"]["precision"])
+    runtime = cfg["runtime"]
+    enable_memory_growth()
+    dist = make_strategy(runtime["strategy"])  # first: multi-worker collectives must start before other TF work
+    set_seed(cfg["run"]["seed"], runtime["deterministic"])
+    precision = set_precision(runtime["precision"])
     data = build_datasets(cfg["data"], seed=cfg["run"]["seed"])
+    print(f"Strategy: {dist.description}; precision: {precision}; global batch {cfg['data']['batch_size']}.")
     if dry_run:
-        print(describe(cfg, data, build_model(cfg, data.num_classes)))
+        with dist.strategy.scope():
+            print(describe(cfg, data, build_model(cfg, data.num_classes)))
         return None
 
     if resume:
         run_dir = find_run_for_resume(resume, cfg)
         state = load_state(run_dir)
-    else:
+    elif dist.is_chief:
         run_dir = create_run_dir(cfg, config_files, overwrite)
         state = fresh_state()
-    (run_dir / "checkpoints").mkdir(exist_ok=True)
-    write_text_atomic(run_dir / "config.yaml", config_lib.dump(cfg))
-    report_left_out(data, run_dir)
+    else:
+        run_dir, state = Path(cfg["run"]["dir"]) / cfg["run"]["name"], fresh_state()
+    # Only the chief writes the run directory. Other workers take part in every save (saving is collective under
+    # multi-worker training) but write into a folder of their own that is removed at the end.
+    out_dir = run_dir if dist.is_chief else Path(tempfile.mkdtemp(prefix="cnnlab-worker-"))
+    try:
+        with dist.strategy.scope():
+            return _train_in(cfg, data, run_dir, out_dir, state, dist)
+    finally:
+        if out_dir != run_dir:
+            shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def _train_in(cfg: dict, data: Datasets, run_dir: Path, out_dir: Path, state: dict, dist) -> Path:
+    """The body of `train`, under the strategy's scope; files go to `out_dir` (the run dir on the chief)."""
+    (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out_dir / "config.yaml", config_lib.dump(cfg))
+    report_left_out(data, out_dir)
 
     phases = training_phases(cfg)
     total_epochs = phases[-1]["end"]
@@ -446,19 +469,19 @@ def train(cfg: dict, config_files: list[str], *, resume: str | bool | None = Non
     else:
         state = fresh_state()  # killed before its first epoch ended: start over in the same directory
         model = build_model(cfg, data.num_classes)
-        save_model_atomic(model, run_dir / "checkpoints" / "initial.keras")  # for before-vs-after filter plots
+        save_model_atomic(model, out_dir / "checkpoints" / "initial.keras")  # for before-vs-after filter plots
 
     extra = {"class_names": data.class_names, "num_train": data.num_train, "num_val": data.num_val,
              "params": int(model.count_params())}
-    checkpoint = RunCheckpoint(run_dir, state, extra)
+    checkpoint = RunCheckpoint(out_dir, state, extra)
     callbacks = [
         keras.callbacks.TensorBoard(
-            log_dir=str(run_dir / "logs"), histogram_freq=1 if cfg["runtime"]["log_histograms"] else 0,
+            log_dir=str(out_dir / "logs"), histogram_freq=1 if cfg["runtime"]["log_histograms"] else 0,
             write_graph=False),
         checkpoint,
     ]
     if cfg["runtime"]["log_kernel_images"]:
-        callbacks.insert(1, KernelImages(run_dir / "logs" / "kernels"))
+        callbacks.insert(1, KernelImages(out_dir / "logs" / "kernels"))
     for phase in phases:
         if state["epoch"] >= phase["end"]:
             continue
@@ -470,7 +493,8 @@ def train(cfg: dict, config_files: list[str], *, resume: str | bool | None = Non
         # Entering a phase starts a fresh optimizer. Resuming inside one rebuilds it from the current config (which
         # may add epochs or change the learning rate) and carries the checkpoint's step count and moments over.
         previous = None if entering else model.optimizer
-        compile_model(model, phase["training"], data.num_classes, data.steps_per_epoch)
+        compile_model(model, phase["training"], data.num_classes, data.steps_per_epoch,
+                      jit_compile=resolve_jit(cfg["runtime"]["jit_compile"]))
         if previous is not None:
             carry_optimizer_state(previous, model)
         state["phase"] = phase["name"]
@@ -486,4 +510,3 @@ def train(cfg: dict, config_files: list[str], *, resume: str | bool | None = Non
     best_text = f"{best:.4f} (epoch {state['best_epoch']})" if best is not None else "n/a"
     print(f"Run directory: {run_dir}  best val_accuracy: {best_text}")
     return run_dir
-

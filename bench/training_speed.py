@@ -1,0 +1,129 @@
+"""Training speed: images/s per model family and precision, and the project against the tutorial way.
+
+    python bench/training_speed.py                        # families x {float32, mixed_bfloat16}, 160x160
+    python bench/training_speed.py --tutorial-epochs 3    # + project vs image_dataset_from_directory + fit
+
+Part 1 trains each config on in-memory batches (so only the model is timed) for --steps steps after a warm-up,
+alternating precisions, and reports the median of --rounds. Part 2 trains the standard config's model through
+`train.py`'s code path and the way the TensorFlow tutorial does it (image_dataset_from_directory + model.fit, no
+cache, float32), for the same epochs and image size, on the shared photos, and compares images/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import cnnlab  # noqa: E402,F401
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from cnnlab import config, data  # noqa: E402
+from cnnlab.modeling import build_model  # noqa: E402
+from cnnlab.runtime import set_precision  # noqa: E402
+from cnnlab.training import compile_model, train  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared" / "data" / "cats_vs_dogs"
+
+
+def model_rate(cfg: dict, precision: str, steps: int, batch: int) -> float:
+    set_precision(precision)
+    keras.utils.set_random_seed(0)
+    model = build_model(cfg, 2)
+    compile_model(model, cfg["training"], 2, steps_per_epoch=steps, jit_compile=cfg["runtime"]["jit_compile"])
+    h, w = cfg["data"]["image_size"]
+    x = tf.constant(np.random.default_rng(0).uniform(0, 255, (batch, h, w, 3)).astype("float32"))
+    y = tf.constant(np.random.default_rng(1).integers(0, 2, (batch, 1)).astype("float32"))
+    ds = tf.data.Dataset.from_tensors((x, y)).repeat(steps + 3)
+    model.fit(ds.take(3), verbose=0)  # compile and warm up
+    start = time.perf_counter()
+    model.fit(ds.take(steps), verbose=0)
+    rate = steps * batch / (time.perf_counter() - start)
+    set_precision("float32")
+    return rate
+
+
+def families(args) -> None:
+    rows = {}
+    for name in args.configs:
+        cfg = config.resolve([str(REPO / "configs" / f"{name}.yaml")],
+                             [f"data.image_size=[{args.size},{args.size}]", "model.transfer.weights=null",
+                              f"data.batch_size={args.batch}"])
+        rates = {"float32": [], "mixed_bfloat16": []}
+        for _ in range(args.rounds):
+            for precision in rates:
+                rates[precision].append(model_rate(cfg, precision, args.steps, args.batch))
+        rows[name] = {p: statistics.median(r) for p, r in rates.items()}
+    print(f"\nTraining images/s (model only, in-memory batches of {args.batch}, {args.size}x{args.size}, "
+          f"median of {args.rounds})")
+    print(f"{'config':<28} {'float32':>10} {'bfloat16':>10} {'bf16/f32':>9}")
+    for name, r in rows.items():
+        print(f"{name:<28} {r['float32']:>10.1f} {r['mixed_bfloat16']:>10.1f} "
+              f"{r['mixed_bfloat16'] / r['float32']:>9.2f}")
+
+
+def tutorial_way(cfg: dict, epochs: int) -> float:
+    """image_dataset_from_directory + model.fit, as the TF tutorial writes it (the same model, float32)."""
+    set_precision("float32")
+    keras.utils.set_random_seed(0)
+    size = tuple(cfg["data"]["image_size"])
+    train_ds = keras.utils.image_dataset_from_directory(SHARED / "train", image_size=size, batch_size=32,
+                                                         label_mode="binary", verbose=False)
+    val_ds = keras.utils.image_dataset_from_directory(SHARED / "val", image_size=size, batch_size=32,
+                                                       label_mode="binary", verbose=False)
+    model = build_model(cfg, 2)
+    compile_model(model, cfg["training"], 2, steps_per_epoch=63, jit_compile="auto")
+    start = time.perf_counter()
+    model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=0)
+    return 2000 * epochs / (time.perf_counter() - start)
+
+
+def project_way(cfg: dict, epochs: int) -> float:
+    with tempfile.TemporaryDirectory() as runs:
+        cfg = config.resolve([], [f"run.dir={runs}", f"training.epochs={epochs}"], base=cfg)
+        start = time.perf_counter()
+        train(cfg, ["bench.yaml"])
+        return 2000 * epochs / (time.perf_counter() - start)
+
+
+def versus_tutorial(args) -> None:
+    base = config.resolve([str(REPO / "configs/cats_vs_dogs_standard.yaml")], [
+        "data.source=folder", f"data.path={SHARED}", f"data.image_size=[{args.size},{args.size}]",
+        "runtime.log_histograms=false", "runtime.log_kernel_images=false"])
+    project_f32 = project_way(base, args.tutorial_epochs)
+    project_auto = project_way(config.resolve([], ["runtime.precision=auto"], base=base), args.tutorial_epochs)
+    tutorial = tutorial_way(base, args.tutorial_epochs)
+    print(f"\nThe standard config's model, {args.tutorial_epochs} epochs on the 2,000 shared photos at "
+          f"{args.size}x{args.size} (wall clock including validation, decoding and start-up)")
+    print(f"{'way':<52} {'images/s':>9} {'vs tutorial':>12}")
+    for name, rate in (("tutorial: image_dataset_from_directory + fit, float32", tutorial),
+                       ("project: train.py, float32", project_f32),
+                       ("project: train.py, runtime.precision=auto", project_auto)):
+        print(f"{name:<52} {rate:>9.1f} {rate / tutorial:>12.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=["cats_vs_dogs_standard", "cats_vs_dogs_pointwise",
+                                                          "cats_vs_dogs_separable"])
+    parser.add_argument("--size", type=int, default=160)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tutorial-epochs", type=int, default=0, help="also compare with the tutorial way")
+    args = parser.parse_args()
+    families(args)
+    if args.tutorial_epochs:
+        versus_tutorial(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -20,6 +20,26 @@ def per_stage(name: str, value: Any, num_stages: int) -> list:
     return [value] * num_stages
 
 
+def expand_stages(filters, **per_stage_args) -> list[dict]:
+    """One dict of arguments per stage: `filters` sets the number of stages, every other argument is spread over
+    them with `per_stage`.
+
+    Example:
+
+        >>> expand_stages([8, 16], kernel_size=[5, 3], pooling="max")
+        [{'filters': 8, 'kernel_size': 5, 'pooling': 'max'}, {'filters': 16, 'kernel_size': 3, 'pooling': 'max'}]
+    """
+    filters = list(filters) if isinstance(filters, (list, tuple)) else [filters]
+    columns = {name: per_stage(name, value, len(filters)) for name, value in per_stage_args.items()}
+    return [{"filters": f, **{name: column[i] for name, column in columns.items()}} for i, f in enumerate(filters)]
+
+
+def rescaled_input(input_shape):
+    """The image input (pixels in [0, 255]) and its rescaling to [0, 1], where the from-scratch families start."""
+    inputs = keras.Input(shape=tuple(input_shape), name="image")
+    return inputs, layers.Rescaling(1.0 / 255, name="rescale")(inputs)
+
+
 def regularizer(weight_decay: float):
     """An L2 kernel regularizer, or None when weight decay is off."""
     return keras.regularizers.L2(weight_decay) if weight_decay else None

@@ -11,8 +11,8 @@ import keras
 from keras import layers
 
 from models import register
-from models.blocks import (check_common, conv_bn_act, dense_head, output_layer, per_stage, regularizer, shortcut,
-                           stage_end)
+from models.blocks import (check_common, conv_bn_act, dense_head, expand_stages, output_layer, regularizer,
+                           rescaled_input, shortcut, stage_end)
 
 
 @register("pointwise")
@@ -73,34 +73,28 @@ def pointwise(
     check_common(input_shape, num_classes)
     if head not in ("dense", "conv"):
         raise ValueError(f"`head` must be 'dense' or 'conv'. Received: {head!r}")
-    filters = list(filters) if isinstance(filters, (list, tuple)) else [filters]
-    n = len(filters)
-    stage_args = zip(
-        filters, per_stage("blocks", blocks, n), per_stage("bottleneck_ratio", bottleneck_ratio, n),
-        per_stage("kernel_size", kernel_size, n), per_stage("strides", strides, n),
-        per_stage("activation", activation, n), per_stage("batch_norm", batch_norm, n),
-        per_stage("pooling", pooling, n), per_stage("dropout", dropout, n),
-    )
+    stages = expand_stages(filters, blocks=blocks, bottleneck_ratio=bottleneck_ratio, kernel_size=kernel_size,
+                           strides=strides, activation=activation, batch_norm=batch_norm, pooling=pooling,
+                           dropout=dropout)
     common = dict(kernel_initializer=kernel_initializer, weight_decay=weight_decay)
-    inputs = keras.Input(shape=tuple(input_shape), name="image")
-    x = layers.Rescaling(1.0 / 255, name="rescale")(inputs)
-    x = conv_bn_act(x, stem_filters, stem_kernel_size, strides=stem_strides,
-                    activation=per_stage("activation", activation, n)[0],
-                    batch_norm=per_stage("batch_norm", batch_norm, n)[0], name="stem", **common)
-    for i, (f, nb, ratio, k, s, act, bn, pool, drop) in enumerate(stage_args, start=1):
-        squeezed = max(1, int(round(f * ratio)))
-        for b in range(1, nb + 1):
+    inputs, x = rescaled_input(input_shape)
+    x = conv_bn_act(x, stem_filters, stem_kernel_size, strides=stem_strides, activation=stages[0]["activation"],
+                    batch_norm=stages[0]["batch_norm"], name="stem", **common)
+    for i, st in enumerate(stages, start=1):
+        squeezed = max(1, int(round(st["filters"] * st["bottleneck_ratio"])))
+        act, bn = st["activation"], st["batch_norm"]
+        for b in range(1, st["blocks"] + 1):
             name = f"stage{i}_block{b}"
             block_in = x
             x = conv_bn_act(x, squeezed, 1, activation=act, batch_norm=bn, name=f"{name}_squeeze", **common)
-            x = conv_bn_act(x, squeezed, k, strides=s if b == 1 else 1, activation=act, batch_norm=bn,
-                            name=f"{name}_spatial", **common)
-            x = conv_bn_act(x, f, 1, activation=None if residual else act, batch_norm=bn, name=f"{name}_expand",
-                            **common)
+            x = conv_bn_act(x, squeezed, st["kernel_size"], strides=st["strides"] if b == 1 else 1, activation=act,
+                            batch_norm=bn, name=f"{name}_spatial", **common)
+            x = conv_bn_act(x, st["filters"], 1, activation=None if residual else act, batch_norm=bn,
+                            name=f"{name}_expand", **common)
             if residual:
                 x = shortcut(block_in, x, batch_norm=bn, name=name, **common)
                 x = layers.Activation(act, name=f"{name}_out")(x)
-        x = stage_end(x, pool, drop, name=f"stage{i}")
+        x = stage_end(x, st["pooling"], st["dropout"], name=f"stage{i}")
     if head == "dense":
         outputs = dense_head(x, num_classes, head_dropout, weight_decay)
     else:

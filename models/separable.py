@@ -11,7 +11,8 @@ import keras
 from keras import layers
 
 from models import register
-from models.blocks import check_common, conv_bn_act, dense_head, norm_act, per_stage, regularizer, shortcut, stage_end
+from models.blocks import (check_common, conv_bn_act, dense_head, expand_stages, norm_act, regularizer,
+                           rescaled_input, shortcut, stage_end)
 
 
 @register("separable")
@@ -68,37 +69,29 @@ def separable(
         (3, 3, 32, 2)
     """
     check_common(input_shape, num_classes)
-    filters = list(filters) if isinstance(filters, (list, tuple)) else [filters]
-    n = len(filters)
-    stage_args = zip(
-        filters, per_stage("blocks", blocks, n), per_stage("kernel_size", kernel_size, n),
-        per_stage("depth_multiplier", depth_multiplier, n), per_stage("strides", strides, n),
-        per_stage("activation", activation, n), per_stage("batch_norm", batch_norm, n),
-        per_stage("pooling", pooling, n), per_stage("dropout", dropout, n),
-    )
-    inputs = keras.Input(shape=tuple(input_shape), name="image")
-    x = layers.Rescaling(1.0 / 255, name="rescale")(inputs)
-    x = conv_bn_act(x, stem_filters, stem_kernel_size, strides=stem_strides,
-                    activation=per_stage("activation", activation, n)[0],
-                    batch_norm=per_stage("batch_norm", batch_norm, n)[0], kernel_initializer=kernel_initializer,
-                    weight_decay=weight_decay, name="stem")
-    for i, (f, nb, k, mult, s, act, bn, pool, drop) in enumerate(stage_args, start=1):
-        for b in range(1, nb + 1):
+    stages = expand_stages(filters, blocks=blocks, kernel_size=kernel_size, depth_multiplier=depth_multiplier,
+                           strides=strides, activation=activation, batch_norm=batch_norm, pooling=pooling,
+                           dropout=dropout)
+    common = dict(kernel_initializer=kernel_initializer, weight_decay=weight_decay)
+    inputs, x = rescaled_input(input_shape)
+    x = conv_bn_act(x, stem_filters, stem_kernel_size, strides=stem_strides, activation=stages[0]["activation"],
+                    batch_norm=stages[0]["batch_norm"], name="stem", **common)
+    for i, st in enumerate(stages, start=1):
+        act, bn = st["activation"], st["batch_norm"]
+        for b in range(1, st["blocks"] + 1):
             name = f"stage{i}_block{b}"
             block_in = x
             x = layers.DepthwiseConv2D(
-                k, strides=s if b == 1 else 1, padding="same", depth_multiplier=mult, use_bias=not bn,
-                depthwise_initializer=kernel_initializer, depthwise_regularizer=regularizer(weight_decay),
-                name=f"{name}_depthwise",
+                st["kernel_size"], strides=st["strides"] if b == 1 else 1, padding="same",
+                depth_multiplier=st["depth_multiplier"], use_bias=not bn, depthwise_initializer=kernel_initializer,
+                depthwise_regularizer=regularizer(weight_decay), name=f"{name}_depthwise",
             )(x)
             x = norm_act(x, bn, act, name=f"{name}_depthwise")
-            x = conv_bn_act(x, f, 1, activation=None if residual else act, batch_norm=bn,
-                            kernel_initializer=kernel_initializer, weight_decay=weight_decay,
-                            name=f"{name}_pointwise")
+            x = conv_bn_act(x, st["filters"], 1, activation=None if residual else act, batch_norm=bn,
+                            name=f"{name}_pointwise", **common)
             if residual:
-                x = shortcut(block_in, x, batch_norm=bn, kernel_initializer=kernel_initializer,
-                             weight_decay=weight_decay, name=name)
+                x = shortcut(block_in, x, batch_norm=bn, name=name, **common)
                 x = layers.Activation(act, name=f"{name}_out")(x)
-        x = stage_end(x, pool, drop, name=f"stage{i}")
+        x = stage_end(x, st["pooling"], st["dropout"], name=f"stage{i}")
     outputs = dense_head(x, num_classes, head_dropout, weight_decay)
     return keras.Model(inputs, outputs, name="separable")

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import keras
-from keras import layers
-
 from models import register
-from models.blocks import check_common, conv_bn_act, dense_head, per_stage, shortcut, stage_end
+from models.blocks import check_common, conv_bn_act, dense_head, expand_stages, rescaled_input, shortcut, stage_end
 
 
 @register("standard")
@@ -61,33 +59,21 @@ def standard(
         (5, 5, 3, 8)
     """
     check_common(input_shape, num_classes)
-    filters = list(filters) if isinstance(filters, (list, tuple)) else [filters]
-    n = len(filters)
-    stage_args = zip(
-        filters,
-        per_stage("blocks", blocks, n),
-        per_stage("kernel_size", kernel_size, n),
-        per_stage("strides", strides, n),
-        per_stage("padding", padding, n),
-        per_stage("dilation_rate", dilation_rate, n),
-        per_stage("activation", activation, n),
-        per_stage("batch_norm", batch_norm, n),
-        per_stage("pooling", pooling, n),
-        per_stage("dropout", dropout, n),
-    )
-    inputs = keras.Input(shape=tuple(input_shape), name="image")
-    x = layers.Rescaling(1.0 / 255, name="rescale")(inputs)
-    for i, (f, nb, k, s, pad, d, act, bn, pool, drop) in enumerate(stage_args, start=1):
+    stages = expand_stages(filters, blocks=blocks, kernel_size=kernel_size, strides=strides, padding=padding,
+                           dilation_rate=dilation_rate, activation=activation, batch_norm=batch_norm,
+                           pooling=pooling, dropout=dropout)
+    inputs, x = rescaled_input(input_shape)
+    for i, st in enumerate(stages, start=1):
         stage_in = x
-        for b in range(1, nb + 1):
+        for b in range(1, st["blocks"] + 1):
             x = conv_bn_act(
-                x, f, k, strides=s if b == 1 else 1, padding=pad, dilation_rate=d, activation=act,
-                batch_norm=bn, kernel_initializer=kernel_initializer, weight_decay=weight_decay,
-                name=f"stage{i}_block{b}",
+                x, st["filters"], st["kernel_size"], strides=st["strides"] if b == 1 else 1, padding=st["padding"],
+                dilation_rate=st["dilation_rate"], activation=st["activation"], batch_norm=st["batch_norm"],
+                kernel_initializer=kernel_initializer, weight_decay=weight_decay, name=f"stage{i}_block{b}",
             )
         if residual:
-            x = shortcut(stage_in, x, batch_norm=bn, kernel_initializer=kernel_initializer,
+            x = shortcut(stage_in, x, batch_norm=st["batch_norm"], kernel_initializer=kernel_initializer,
                          weight_decay=weight_decay, name=f"stage{i}")
-        x = stage_end(x, pool, drop, name=f"stage{i}")
+        x = stage_end(x, st["pooling"], st["dropout"], name=f"stage{i}")
     outputs = dense_head(x, num_classes, head_dropout, weight_decay)
     return keras.Model(inputs, outputs, name="standard")

@@ -304,9 +304,17 @@ def plot_classic_filters(image: np.ndarray, kernel: np.ndarray | None, title: st
 
 def plot_before_after(before: np.ndarray, after: np.ndarray, title: str, per_tile: bool = True,
                       max_filters: int = 64) -> plt.Figure:
-    """Kernels at initialisation next to the trained ones, tile for tile."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 5.8))
-    for ax, kernel, name in ((axes[0], before, "at initialisation"), (axes[1], after, "trained")):
+    """Kernels at initialisation, trained, and the change between them, tile for tile.
+
+    On small data the trained kernels often still look like their random start; the change (trained minus initial)
+    shows what training added, which is where the edge and colour detectors appear.
+    """
+    change = after - before
+    relative = float(np.linalg.norm(change) / max(np.linalg.norm(before), 1e-12))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5.8))
+    panels = ((before, "at initialisation"), (after, "trained"),
+              (change, f"learned change: trained - initial\n(size {relative:.2f} of the initial kernels)"))
+    for ax, (kernel, name) in zip(axes, panels):
         ax.imshow(kernel_grid(kernel, per_tile, max_filters=max_filters), interpolation="nearest")
         ax.set_title(name, fontsize=10)
         ax.set_axis_off()

@@ -97,3 +97,17 @@ def test_cli_on_a_trained_run_writes_figures_and_says_where(tmp_path):
                       "--layer", "stage1_block1_conv", "Received: 'nope'")
     assert_user_error(run_cli("visualize_filters.py", "--checkpoint", str(tmp_path / "missing.keras")),
                       "no such file")
+
+
+def test_before_after_shows_the_learned_change_as_a_third_panel():
+    rng = np.random.default_rng(0)
+    before = rng.normal(0, 1, (3, 3, 3, 4)).astype(np.float32)
+    after = before.copy()
+    after[..., 2] += SOBEL_X[..., None]  # training "added" a Sobel-x to filter 2
+    fig = plots.plot_before_after(before, after, "t")
+    change = fig.axes[2].images[0].get_array()
+    assert np.allclose(change, plots.kernel_grid(after - before))
+    assert "learned change" in fig.axes[2].get_title()
+    row, col = divmod(2, 2)  # 4 tiles lay out 2 x 2; each tile is 3 x 8 = 24 pixels with a 1-pixel gap
+    tile = change[1 + row * 25: 1 + row * 25 + 24, 1 + col * 25: 1 + col * 25 + 24]
+    assert tile[:, :8].mean() < 0.5 < tile[:, 16:].mean()  # dark left column, light right column

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="output folder")
     args = parser.parse_args(argv)
 
-    from cnnlab.config import as_size, resolve
+    from cnnlab.config import resolve
     from cnnlab.data import load_image, sample_image
     from cnnlab.errors import UserError
     from cnnlab.modeling import build_model

@@ -25,7 +25,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from cnnlab import config, data  # noqa: E402
+from cnnlab import config  # noqa: E402
 from cnnlab.modeling import build_model  # noqa: E402
 from cnnlab.runtime import set_precision  # noqa: E402
 from cnnlab.training import compile_model, train  # noqa: E402

@@ -208,6 +208,7 @@ RULES: dict[str, Callable] = {
     "model.*.dropout": _per_stage(_num_in(0, 1)),
     "model.*.batch_norm": _per_stage(lambda v: None if isinstance(v, bool) else "true or false"),
     "model.*.weight_decay": _num_in(0, 1),
+    "model.standard.kernel_initializer": _per_stage(lambda v: None if isinstance(v, str) else "an initializer name"),
     "model.*.stem_filters": _int_at_least(1),
     "model.*.stem_kernel_size": _int_at_least(1),
     "model.*.stem_strides": _int_at_least(1),

@@ -176,7 +176,7 @@ def compare_configs(config_files: list[str], overrides: list[str], num_classes: 
     """The comparison table of several configs (one model each), optionally preceded by per-layer tables."""
     from pathlib import Path
 
-    from cnnlab.config import as_size, resolve
+    from cnnlab.config import resolve
     from cnnlab.modeling import build_model, family_network
 
     models, sizes, parts = {}, set(), []

@@ -46,7 +46,7 @@ def standard(
         pooling: `"max"`, `"avg"` or `"none"` 2x2 pooling closing each stage (per stage).
         dropout: spatial dropout closing each stage (per stage).
         residual: add a shortcut around each stage's conv blocks (projected when shapes change).
-        kernel_initializer: Keras initializer name for conv kernels.
+        kernel_initializer: Keras initializer name for conv kernels (per stage).
         weight_decay: L2 penalty on conv and dense kernels.
 
     Returns:
@@ -61,7 +61,7 @@ def standard(
     check_common(input_shape, num_classes)
     stages = expand_stages(filters, blocks=blocks, kernel_size=kernel_size, strides=strides, padding=padding,
                            dilation_rate=dilation_rate, activation=activation, batch_norm=batch_norm,
-                           pooling=pooling, dropout=dropout)
+                           pooling=pooling, dropout=dropout, kernel_initializer=kernel_initializer)
     inputs, x = rescaled_input(input_shape)
     for i, st in enumerate(stages, start=1):
         stage_in = x
@@ -69,10 +69,10 @@ def standard(
             x = conv_bn_act(
                 x, st["filters"], st["kernel_size"], strides=st["strides"] if b == 1 else 1, padding=st["padding"],
                 dilation_rate=st["dilation_rate"], activation=st["activation"], batch_norm=st["batch_norm"],
-                kernel_initializer=kernel_initializer, weight_decay=weight_decay, name=f"stage{i}_block{b}",
+                kernel_initializer=st["kernel_initializer"], weight_decay=weight_decay, name=f"stage{i}_block{b}",
             )
         if residual:
-            x = shortcut(stage_in, x, batch_norm=st["batch_norm"], kernel_initializer=kernel_initializer,
+            x = shortcut(stage_in, x, batch_norm=st["batch_norm"], kernel_initializer=st["kernel_initializer"],
                          weight_decay=weight_decay, name=f"stage{i}")
         x = stage_end(x, st["pooling"], st["dropout"], name=f"stage{i}")
     outputs = dense_head(x, num_classes, head_dropout, weight_decay)

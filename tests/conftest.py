@@ -48,6 +48,19 @@ def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> str
     return lines[0]
 
 
+def wait_for_epoch(run_dir: Path, epoch: int, proc: subprocess.Popen, timeout: float = 180) -> None:
+    """Waits until a training process has completed `epoch` epochs (its state.json says so), or has ended."""
+    import json
+    import time
+
+    state = run_dir / "state.json"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and json.loads(state.read_text())["epoch"] >= epoch:
+            return
+        time.sleep(0.02)
+
+
 def write_image(path: Path, rgb: np.ndarray, fmt: str = "jpeg") -> None:
     """Writes a uint8 HxWx3 array as a JPEG or PNG file."""
     import tensorflow as tf

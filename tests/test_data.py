@@ -1,10 +1,8 @@
 """Data sources: folder layouts, splits, labels, bad files, synthetic images and TFDS (offline)."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from cnnlab import config, data
@@ -13,7 +11,7 @@ from tests.conftest import make_image_folder
 
 
 def folder_cfg(path, **extra):
-    sets = [f"data.source=folder", f"data.path={path}", "data.image_size=[20, 16]", "data.batch_size=4"]
+    sets = ["data.source=folder", f"data.path={path}", "data.image_size=[20, 16]", "data.batch_size=4"]
     return config.resolve([], sets + [f"{k}={v}" for k, v in extra.items()])["data"]
 
 

@@ -76,10 +76,12 @@ def test_a_builder_error_from_the_cli_is_one_line_naming_the_section(tmp_path):
 
 def test_per_stage_arguments_reach_the_layers():
     model = models.create_model("standard", (40, 40, 3), 2, filters=[4, 6], kernel_size=[5, 3], dilation_rate=[1, 2],
-                                padding=["valid", "same"], pooling=["avg", "none"], batch_norm=[False, True])
+                                padding=["valid", "same"], pooling=["avg", "none"], batch_norm=[False, True],
+                                kernel_initializer=["zeros", "ones"])
     first, second = model.get_layer("stage1_block1_conv"), model.get_layer("stage2_block1_conv")
     assert first.kernel.shape == (5, 5, 3, 4) and first.padding == "valid" and first.use_bias
     assert second.dilation_rate == (2, 2) and not second.use_bias
+    assert np.all(np.asarray(first.kernel) == 0) and np.all(np.asarray(second.kernel) == 1)
     assert model.get_layer("stage1_avgpool") is not None
     assert [layer.name for layer in model.layers if "pool" in layer.name] == ["stage1_avgpool", "head_pool"]
 

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import keras
 import numpy as np
-import pytest
 
 from cnnlab import config, data
-from tests.conftest import REPO, assert_user_error, run_cli
+from tests.conftest import REPO, assert_user_error, run_cli, wait_for_epoch
 
 SMOKE = "configs/smoke.yaml"
 
@@ -165,10 +164,9 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_checkpoint_loadab
     proc = subprocess.Popen([sys.executable, str(script), *args], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     state = tmp_path / "k" / "state.json"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (state.exists() and json.loads(state.read_text())["epoch"] >= 1):
-        time.sleep(0.05)
+    wait_for_epoch(tmp_path / "k", 1, proc, timeout=120)
     armed.touch()  # from now on, the next last.keras write hangs half-way
+    deadline = time.time() + 120
     while time.time() < deadline and not marker.exists():
         time.sleep(0.05)
     assert marker.exists(), proc.stderr.read()[-2000:] if proc.poll() is not None else "no slow write seen"
@@ -204,9 +202,7 @@ def test_ctrl_c_mid_epoch_prints_the_resume_command_and_resuming_finishes(tmp_pa
     proc = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     state = tmp_path / "c" / "state.json"
-    deadline = time.time() + 180
-    while time.time() < deadline and not (state.exists() and json.loads(state.read_text())["epoch"] >= 1):
-        time.sleep(0.05)
+    wait_for_epoch(tmp_path / "c", 1, proc)
     time.sleep(0.5)  # into epoch 2
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)

@@ -20,7 +20,7 @@ import yaml
 from cnnlab import config
 from cnnlab.data import build_datasets
 from cnnlab.training import train
-from tests.conftest import REPO, assert_user_error, run_cli
+from tests.conftest import REPO, assert_user_error, run_cli, wait_for_epoch
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 
@@ -181,11 +181,7 @@ def test_a_run_killed_after_epoch_2_of_4_resumes_and_ends_at_epoch_4(tmp_path):
     proc = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     state = tmp_path / "killed" / "state.json"
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        if state.exists() and json.loads(state.read_text())["epoch"] >= 2:
-            break
-        time.sleep(0.02)
+    wait_for_epoch(tmp_path / "killed", 2, proc)
     assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)

@@ -14,11 +14,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import socket
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -195,6 +197,22 @@ def scan_cache_dir() -> Path:
     return Path(base) / "cnnlab" / "scans"
 
 
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Silences file descriptor 2 for the duration: TensorFlow's C++ decoders log one line per broken file
+    ("Premature end of JPEG data") at a level its log settings do not hide, and the scan reports those files
+    itself, once."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def scan_images(paths: list[str]) -> list[str]:
     """The files among `paths` that cannot be decoded as images, decoding each file once per change.
 
@@ -219,7 +237,8 @@ def scan_images(paths: list[str]) -> list[str]:
         ds = ds.map(lambda p: (p, tf.shape(tf.io.decode_image(tf.io.read_file(p), channels=3,
                                                                   expand_animations=False))),
                     num_parallel_calls=AUTOTUNE, deterministic=False).ignore_errors()
-        good = {p.decode() for p, _ in ds.as_numpy_iterator()}
+        with _quiet_native_stderr():
+            good = {p.decode() for p, _ in ds.as_numpy_iterator()}
         for p in todo:
             cache[p] = stamps[p] + [p in good]
         try:

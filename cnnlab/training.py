@@ -22,9 +22,9 @@ import csv
 import io
 import json
 import math
-import signal
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -238,7 +238,8 @@ def carry_optimizer_state(previous: keras.optimizers.Optimizer, model: keras.Mod
 class RunCheckpoint(keras.callbacks.Callback):
     """After every epoch: last.keras, best.keras when val accuracy improved, history.csv, metrics.json, state.json.
 
-    state.json is written last: it is the commit point that `--resume` trusts.
+    state.json is written last: it is the commit point that `--resume` trusts. It also stops training at the end of a
+    step when the loss is not finite or Ctrl-C was pressed, and then leaves the partial epoch unrecorded.
     """
 
     def __init__(self, run_dir: Path, state: dict, extra_metrics: dict):

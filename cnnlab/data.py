@@ -86,8 +86,7 @@ def decode_and_resize(contents: tf.Tensor, image_size: tuple[int, int]) -> tf.Te
         lambda: _decode_jpeg_near(contents, image_size),
         lambda: tf.ensure_shape(tf.io.decode_image(contents, channels=3, expand_animations=False), [None, None, 3]),
     )
-    image = tf.image.resize(image, image_size)
-    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+    return decode_and_resize_tensor(image, image_size)
 
 
 def _finish(ds: tf.data.Dataset, *, training: bool, cache: str, batch_size: int, num_classes: int,

@@ -56,12 +56,10 @@ def layer_macs(layer: layers.Layer, input_shape, output_shape) -> int:
 
 def _window(layer: layers.Layer) -> tuple[int, int, int] | None:
     """(kernel, stride, dilation) along the height axis for layers that slide a window, else None."""
-    if isinstance(layer, layers.Conv2D) or isinstance(layer, layers.DepthwiseConv2D):
+    if isinstance(layer, (layers.Conv2D, layers.DepthwiseConv2D)):
         return layer.kernel_size[0], layer.strides[0], layer.dilation_rate[0]
     if isinstance(layer, (layers.MaxPooling2D, layers.AveragePooling2D)):
         return layer.pool_size[0], layer.strides[0], 1
-    if isinstance(layer, layers.ZeroPadding2D):
-        return None
     return None
 
 

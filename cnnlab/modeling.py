@@ -12,13 +12,16 @@ from keras import layers
 from cnnlab.config import as_size
 from cnnlab.errors import UserError
 from models import create_model
+from models.augmentation import RandomResizedCrop
 
 
 def augmentation_layers(augment_cfg: dict, seed: int) -> list[layers.Layer]:
     """The augmentation layers an `augment` config section asks for, in order."""
     out: list[layers.Layer] = []
     if augment_cfg["crop"] is not None:
-        out.append(layers.RandomCrop(*as_size(augment_cfg["crop"]), seed=seed, name="aug_crop"))
+        scale = augment_cfg["crop_scale"]
+        out.append(RandomResizedCrop(*as_size(augment_cfg["crop"]), scale=scale, ratio=augment_cfg["crop_ratio"],
+                                     seed=seed, name="aug_crop"))
     if augment_cfg["flip"] != "none":
         out.append(layers.RandomFlip(augment_cfg["flip"], seed=seed, name="aug_flip"))
     if augment_cfg["rotation"]:

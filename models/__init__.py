@@ -65,4 +65,4 @@ def create_model(
 
 
 # Importing the family modules registers them.
-from models import pointwise, separable, standard, transfer  # noqa: E402,F401
+from models import augmentation, pointwise, separable, standard, transfer  # noqa: E402,F401

@@ -135,6 +135,10 @@ def _int_at_least(low: int) -> Callable:
     return lambda v: None if _is_int(v) and v >= low else f"an integer >= {low}"
 
 
+def _num_at_least(low: float) -> Callable:
+    return lambda v: None if _is_num(v) and v >= low else f"a number >= {low}"
+
+
 def _num_in(low: float, high: float, low_open=False, high_open=True) -> Callable:
     def rule(v):
         ok = _is_num(v) and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
@@ -152,6 +156,21 @@ def _size(nullable: bool) -> Callable:
         if isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x >= 1 for x in v):
             return None
         return "[height, width] (or one integer) of positive integers" + (", or null" if nullable else "")
+
+    return rule
+
+
+def _range_pair(low: float, high: float | None, nullable: bool) -> Callable:
+    """A `[lo, hi]` pair with low < lo <= hi (<= high when given)."""
+
+    def rule(v):
+        if v is None and nullable:
+            return None
+        if (isinstance(v, list) and len(v) == 2 and all(_is_num(x) for x in v) and low < v[0] <= v[1]
+                and (high is None or v[1] <= high)):
+            return None
+        bound = f"{low} < lo <= hi" + (f" <= {high}" if high is not None else "")
+        return f"a pair [lo, hi] with {bound}" + (", or null" if nullable else "")
 
     return rule
 
@@ -194,6 +213,10 @@ RULES: dict[str, Callable] = {
     "data.synthetic_classes": _int_at_least(2),
     "augment.flip": _choice("none", "horizontal", "vertical", "horizontal_and_vertical"),
     "augment.crop": _size(nullable=True),
+    "augment.crop_scale": _range_pair(0, 1, nullable=True),
+    "augment.crop_ratio": _range_pair(0, None, nullable=False),
+    "augment.mixup": _num_at_least(0),
+    "augment.cutmix": _num_at_least(0),
     "augment.rotation": _num_in(0, 1),
     "augment.zoom": _num_in(0, 1),
     "augment.contrast": _num_in(0, 1),
@@ -208,6 +231,7 @@ RULES: dict[str, Callable] = {
     "model.*.dropout": _per_stage(_num_in(0, 1)),
     "model.*.batch_norm": _per_stage(lambda v: None if isinstance(v, bool) else "true or false"),
     "model.*.weight_decay": _num_in(0, 1),
+    "model.*.bn_momentum": _num_in(0, 1),
     "model.standard.kernel_initializer": _per_stage(lambda v: None if isinstance(v, str) else "an initializer name"),
     "model.*.stem_filters": _int_at_least(1),
     "model.*.stem_kernel_size": _int_at_least(1),
@@ -227,6 +251,7 @@ RULES: dict[str, Callable] = {
     "training.weight_decay": _num_in(0, 1),
     "training.momentum": _num_in(0, 1),
     "training.label_smoothing": _num_in(0, 1),
+    "training.ema": _num_in(0, 1),
     "training.fine_tune.epochs": _int_at_least(0),
     "training.fine_tune.learning_rate": _positive_number,
     "training.fine_tune.unfreeze": lambda v: None if (_is_int(v) and v >= 0) or (isinstance(v, str) and v) else (

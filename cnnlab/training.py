@@ -162,14 +162,17 @@ def make_optimizer(training_cfg: dict, steps_per_epoch: int) -> keras.optimizers
         schedule = lr
     name = training_cfg["optimizer"]
     wd = training_cfg["weight_decay"]
+    ema = training_cfg["ema"]
+    common = {"use_ema": bool(ema), "ema_momentum": ema or 0.99}
     if name == "adamw":
-        opt = keras.optimizers.AdamW(schedule, weight_decay=wd)
+        opt = keras.optimizers.AdamW(schedule, weight_decay=wd, **common)
     elif name == "adam":
-        opt = keras.optimizers.Adam(schedule)
+        opt = keras.optimizers.Adam(schedule, **common)
     elif name == "sgd":
-        opt = keras.optimizers.SGD(schedule, momentum=training_cfg["momentum"], nesterov=True, weight_decay=wd or None)
+        opt = keras.optimizers.SGD(schedule, momentum=training_cfg["momentum"], nesterov=True, weight_decay=wd or None,
+                                   **common)
     else:
-        opt = keras.optimizers.RMSprop(schedule)
+        opt = keras.optimizers.RMSprop(schedule, **common)
     if wd and name in ("adamw", "sgd"):
         # Decaying BatchNorm scales/offsets and biases only fights the normalisation; decay the kernels alone.
         opt.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
@@ -321,6 +324,19 @@ def _history_csv(rows: list[dict]) -> str:
     return out.getvalue()
 
 
+class AveragedWeights(keras.callbacks.SwapEMAWeights):
+    """Puts the optimizer's moving average of the weights (`training.ema`) into the model for validation and for the
+    end of every epoch, so the metrics, checkpoints and kernel images of an epoch are those of the averaged weights.
+
+    A checkpoint saved that way holds the averaged weights in the model and the raw ones in the optimizer, so a run
+    resumed from it (`resumed=True`) swaps them back before it trains on.
+    """
+
+    def __init__(self, resumed: bool = False):
+        super().__init__(swap_on_epoch=True)
+        self._ema_weights_in_model = resumed
+
+
 class KernelImages(keras.callbacks.Callback):
     """Logs the first conv layer's kernels as one image per epoch, so TensorBoard shows filters as they learn."""
 
@@ -429,7 +445,7 @@ def train(cfg: dict, config_files: list[str], *, resume: str | bool | None = Non
     dist = make_strategy(runtime["strategy"])  # first: multi-worker collectives must start before other TF work
     set_seed(cfg["run"]["seed"], runtime["deterministic"])
     precision = set_precision(runtime["precision"])
-    data = build_datasets(cfg["data"], seed=cfg["run"]["seed"])
+    data = build_datasets(cfg["data"], seed=cfg["run"]["seed"], augment_cfg=cfg["augment"])
     print(f"Strategy: {dist.description}; precision: {precision}; global batch {cfg['data']['batch_size']}.")
     if dry_run:
         with dist.strategy.scope():
@@ -499,12 +515,16 @@ def _train_in(cfg: dict, data: Datasets, run_dir: Path, out_dir: Path, state: di
         if previous is not None:
             carry_optimizer_state(previous, model)
         state["phase"] = phase["name"]
+        phase_callbacks = callbacks
+        if phase["training"]["ema"]:
+            # First in the list, so that the checkpoints and kernel images of each epoch get the averaged weights.
+            phase_callbacks = [AveragedWeights(resumed=not entering), *callbacks]
         with warnings.catch_warnings(), stop_on_first_interrupt(checkpoint):
             # Folder pipelines skip undecodable files, so their length is unknown until the first epoch ends; Keras
             # then warns that the input "ran out of data", which is exactly how it learns the epoch length.
             warnings.filterwarnings("ignore", message="Your input ran out of data")
             model.fit(data.train, validation_data=data.val, epochs=phase["end"], initial_epoch=state["epoch"],
-                      callbacks=callbacks, shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
+                      callbacks=phase_callbacks, shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
         if checkpoint.stop_reason:
             raise_stop(checkpoint, run_dir, cfg)
     best = state["best_val_accuracy"]

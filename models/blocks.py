@@ -45,27 +45,28 @@ def regularizer(weight_decay: float):
     return keras.regularizers.L2(weight_decay) if weight_decay else None
 
 
-def norm_act(x, batch_norm: bool, activation: str, name: str):
+def norm_act(x, batch_norm: bool, activation: str, name: str, bn_momentum: float = 0.99):
     """Batch norm (optional) then the activation."""
     if batch_norm:
-        x = layers.BatchNormalization(name=f"{name}_bn")(x)
+        x = layers.BatchNormalization(momentum=bn_momentum, name=f"{name}_bn")(x)
     if activation and activation != "linear":
         x = layers.Activation(activation, name=f"{name}_act")(x)
     return x
 
 
 def conv_bn_act(x, filters, kernel_size, *, strides=1, padding="same", dilation_rate=1, activation="relu",
-                batch_norm=True, kernel_initializer="he_normal", weight_decay=0.0, name: str):
+                batch_norm=True, kernel_initializer="he_normal", weight_decay=0.0, bn_momentum=0.99, name: str):
     """A KxK Conv2D, batch norm and activation; the conv has no bias when batch norm follows it."""
     x = layers.Conv2D(
         filters, kernel_size, strides=strides, padding=padding, dilation_rate=dilation_rate,
         use_bias=not batch_norm, kernel_initializer=kernel_initializer,
         kernel_regularizer=regularizer(weight_decay), name=f"{name}_conv",
     )(x)
-    return norm_act(x, batch_norm, activation, name)
+    return norm_act(x, batch_norm, activation, name, bn_momentum)
 
 
-def shortcut(inputs, outputs, *, batch_norm=True, kernel_initializer="he_normal", weight_decay=0.0, name: str):
+def shortcut(inputs, outputs, *, batch_norm=True, kernel_initializer="he_normal", weight_decay=0.0, bn_momentum=0.99,
+             name: str):
     """Adds a residual shortcut from `inputs` to `outputs`, projecting with a strided 1x1 conv when shapes differ."""
     in_shape, out_shape = inputs.shape, outputs.shape
     if in_shape[1] is not None and out_shape[1] is not None and in_shape[1] % out_shape[1] != 0:
@@ -80,7 +81,7 @@ def shortcut(inputs, outputs, *, batch_norm=True, kernel_initializer="he_normal"
             kernel_regularizer=regularizer(weight_decay), name=f"{name}_proj_conv",
         )(inputs)
         if batch_norm:
-            inputs = layers.BatchNormalization(name=f"{name}_proj_bn")(inputs)
+            inputs = layers.BatchNormalization(momentum=bn_momentum, name=f"{name}_proj_bn")(inputs)
     return layers.Add(name=f"{name}_add")([outputs, inputs])
 
 

@@ -37,6 +37,7 @@ def pointwise(
     head="dense",
     kernel_initializer="he_normal",
     weight_decay=0.0,
+    bn_momentum=0.99,
 ) -> keras.Model:
     """A KxK stem, then stages of 1x1-squeeze / KxK / 1x1-expand bottleneck blocks, then a classifier.
 
@@ -60,6 +61,8 @@ def pointwise(
         head: `"dense"` (global pooling then Dense) or `"conv"` (a 1x1 conv to class scores, then global pooling).
         kernel_initializer: Keras initializer name for conv kernels.
         weight_decay: L2 penalty on kernels.
+        bn_momentum: momentum of the batch-norm moving statistics; lower follows fast-changing weights sooner
+            (short runs, few steps per epoch).
 
     Returns:
         An uncompiled `keras.Model` named "pointwise".
@@ -76,7 +79,7 @@ def pointwise(
     stages = expand_stages(filters, blocks=blocks, bottleneck_ratio=bottleneck_ratio, kernel_size=kernel_size,
                            strides=strides, activation=activation, batch_norm=batch_norm, pooling=pooling,
                            dropout=dropout)
-    common = dict(kernel_initializer=kernel_initializer, weight_decay=weight_decay)
+    common = dict(kernel_initializer=kernel_initializer, weight_decay=weight_decay, bn_momentum=bn_momentum)
     inputs, x = rescaled_input(input_shape)
     x = conv_bn_act(x, stem_filters, stem_kernel_size, strides=stem_strides, activation=stages[0]["activation"],
                     batch_norm=stages[0]["batch_norm"], name="stem", **common)

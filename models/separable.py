@@ -36,6 +36,7 @@ def separable(
     residual=False,
     kernel_initializer="he_normal",
     weight_decay=0.0,
+    bn_momentum=0.99,
 ) -> keras.Model:
     """A standard KxK stem, then stages of depthwise-KxK + pointwise-1x1 blocks, then a Dense classifier.
 
@@ -58,6 +59,8 @@ def separable(
         residual: shortcut around each block (projected when the shape changes).
         kernel_initializer: Keras initializer name for kernels.
         weight_decay: L2 penalty on kernels.
+        bn_momentum: momentum of the batch-norm moving statistics; lower follows fast-changing weights sooner
+            (short runs, few steps per epoch).
 
     Returns:
         An uncompiled `keras.Model` named "separable".
@@ -72,7 +75,7 @@ def separable(
     stages = expand_stages(filters, blocks=blocks, kernel_size=kernel_size, depth_multiplier=depth_multiplier,
                            strides=strides, activation=activation, batch_norm=batch_norm, pooling=pooling,
                            dropout=dropout)
-    common = dict(kernel_initializer=kernel_initializer, weight_decay=weight_decay)
+    common = dict(kernel_initializer=kernel_initializer, weight_decay=weight_decay, bn_momentum=bn_momentum)
     inputs, x = rescaled_input(input_shape)
     x = conv_bn_act(x, stem_filters, stem_kernel_size, strides=stem_strides, activation=stages[0]["activation"],
                     batch_norm=stages[0]["batch_norm"], name="stem", **common)
@@ -86,7 +89,7 @@ def separable(
                 depth_multiplier=st["depth_multiplier"], use_bias=not bn, depthwise_initializer=kernel_initializer,
                 depthwise_regularizer=regularizer(weight_decay), name=f"{name}_depthwise",
             )(x)
-            x = norm_act(x, bn, act, name=f"{name}_depthwise")
+            x = norm_act(x, bn, act, name=f"{name}_depthwise", bn_momentum=bn_momentum)
             x = conv_bn_act(x, st["filters"], 1, activation=None if residual else act, batch_norm=bn,
                             name=f"{name}_pointwise", **common)
             if residual:

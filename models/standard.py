@@ -26,6 +26,7 @@ def standard(
     residual=False,
     kernel_initializer="he_normal",
     weight_decay=0.0,
+    bn_momentum=0.99,
 ) -> keras.Model:
     """A plain CNN: stages of KxK conv blocks, each stage closed by pooling, then a global-pooling classifier.
 
@@ -48,6 +49,8 @@ def standard(
         residual: add a shortcut around each stage's conv blocks (projected when shapes change).
         kernel_initializer: Keras initializer name for conv kernels (per stage).
         weight_decay: L2 penalty on conv and dense kernels.
+        bn_momentum: momentum of the batch-norm moving statistics; lower follows fast-changing weights sooner
+            (short runs, few steps per epoch).
 
     Returns:
         An uncompiled `keras.Model` named "standard".
@@ -69,11 +72,12 @@ def standard(
             x = conv_bn_act(
                 x, st["filters"], st["kernel_size"], strides=st["strides"] if b == 1 else 1, padding=st["padding"],
                 dilation_rate=st["dilation_rate"], activation=st["activation"], batch_norm=st["batch_norm"],
-                kernel_initializer=st["kernel_initializer"], weight_decay=weight_decay, name=f"stage{i}_block{b}",
+                kernel_initializer=st["kernel_initializer"], weight_decay=weight_decay, bn_momentum=bn_momentum,
+                name=f"stage{i}_block{b}",
             )
         if residual:
             x = shortcut(stage_in, x, batch_norm=st["batch_norm"], kernel_initializer=st["kernel_initializer"],
-                         weight_decay=weight_decay, name=f"stage{i}")
+                         weight_decay=weight_decay, bn_momentum=bn_momentum, name=f"stage{i}")
         x = stage_end(x, st["pooling"], st["dropout"], name=f"stage{i}")
     outputs = dense_head(x, num_classes, head_dropout, weight_decay)
     return keras.Model(inputs, outputs, name="standard")

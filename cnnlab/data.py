@@ -130,14 +130,20 @@ def _finish(ds: tf.data.Dataset, *, training: bool, cache: str, batch_size: int,
     ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), encode_labels(y, num_classes)), num_parallel_calls=AUTOTUNE)
     if training:
         ds = mix_batches(ds, mixup, cutmix, seed)
-    else:
-        # Keras makes a new iterator over the validation data every epoch. Destroying the old one sometimes waited
-        # 20 s with the CPU idle (seen in py-spy inside tf.data's autotuning thread); evaluation pipelines are cheap
-        # enough not to need autotuning.
-        options = tf.data.Options()
-        options.autotune.enabled = False
-        ds = ds.with_options(options)
-    return ds.prefetch(AUTOTUNE)
+    return ds.prefetch(AUTOTUNE).with_options(_pipeline_options())
+
+
+def _pipeline_options() -> tf.data.Options:
+    """tf.data options of every pipeline: autotuning off.
+
+    Keras makes a new iterator over the data every epoch. Destroying the old one, every few epochs, blocked for up to
+    20 s with the CPU idle (py-spy: in ~RootDataset::Iterator, waiting for one of its threads; the autotuning thread
+    sleeps for an optimisation period that doubles as the iterator ages). That was 10-15% of a 10-minute run. Without
+    autotuning, AUTOTUNE parallelism means one thread per core.
+    """
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return options
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,291 @@
+"""Time to accuracy: the small-data configs against the tutorial baseline, on the same photos and wall-clock budget.
+
+    python bench/time_to_accuracy.py configs/small_data/standard.yaml --seeds 3
+    python bench/time_to_accuracy.py configs/small_data/*.yaml --seeds 3 --budget 10
+    python bench/time_to_accuracy.py configs/small_data/standard.yaml --no-baseline
+
+Every run trains on the 2,000 training photos of --data. The 1,000 validation photos are split in two fixed,
+class-balanced halves: the *picking* half is the run's validation set (it chooses the best checkpoint and gives the
+per-epoch curve), the *held-out* half is never seen until the best checkpoint is scored on it at the end. The two
+halves are folders of symbolic links under --work, so nothing is copied.
+
+Each config runs through `train.py` (a fresh process per seed, as a user runs it). The baseline is the
+"Deep Learning with Python" (ch. 8) convnet trained the way the TensorFlow tutorial does it: 180x180 images from
+`image_dataset_from_directory`, RandomFlip / RandomRotation(0.1) / RandomZoom(0.2), Rescaling, Conv2D 32-64-128-256-256
+with max pooling, Flatten, Dropout(0.5), a sigmoid unit, RMSprop, batch 32. Runs stop at the budget; the table
+counts only epochs that ended within it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared" / "data" / "cats_vs_dogs"
+THRESHOLDS = (0.75, 0.80, 0.85, 0.90)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+
+
+def split_folder(data: Path, work: Path) -> Path:
+    """`work/data` with train -> data/train, val = the picking half and test = the held-out half of data/val."""
+    root = work / "data"
+    val_dir = next((data / d for d in ("val", "validation") if (data / d).is_dir()), None)
+    if not (data / "train").is_dir() or val_dir is None:
+        sys.exit(f"error: --data {data} needs train/ and val/ (or validation/) folders")
+    if not (root / "train").exists():
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "train").symlink_to((data / "train").resolve(), target_is_directory=True)
+        for class_dir in sorted(p for p in val_dir.iterdir() if p.is_dir()):
+            files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+            for half, picked in (("val", files[0::2]), ("test", files[1::2])):
+                (root / half / class_dir.name).mkdir(parents=True, exist_ok=True)
+                for f in picked:
+                    (root / half / class_dir.name / f.name).symlink_to(f.resolve())
+    return root
+
+
+def first_time(history: list[dict], threshold: float) -> float | None:
+    """Minutes of training until val accuracy first reached `threshold`, or None."""
+    return next((h["elapsed"] / 60 for h in history if h["val_accuracy"] >= threshold), None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The project's configs, through train.py and evaluate.py
+
+
+def run_config(config_file: str, seed: int, data_root: Path, work: Path, budget_s: float) -> dict:
+    import csv
+
+    name = f"{Path(config_file).stem}-seed{seed}"
+    overrides = [f"data.path={data_root}", f"run.seed={seed}", f"run.dir={work / 'runs'}", f"run.name={name}"]
+    cmd = [sys.executable, str(REPO / "train.py"), "--config", config_file, "--overwrite"]
+    for o in overrides:
+        cmd += ["--set", o]
+    print(f"\n$ {' '.join(cmd)}", flush=True)
+    run_dir = work / "runs" / name
+    try:
+        # The budget covers training; start-up and the one-off image scan get a minute on top.
+        subprocess.run(cmd, cwd=REPO, timeout=budget_s + 60, check=False)
+    except subprocess.TimeoutExpired:
+        print(f"(stopped at the budget of {budget_s / 60:.1f} min)")
+    rows = list(csv.DictReader(open(run_dir / "history.csv"))) if (run_dir / "history.csv").exists() else []
+    history = [{"epoch": int(r["epoch"]), "elapsed": float(r["elapsed_seconds"]),
+                "epoch_seconds": float(r["epoch_seconds"]), "val_accuracy": float(r["val_accuracy"])}
+               for r in rows]
+    history = [h for h in history if h["elapsed"] <= budget_s]
+    held_out = None
+    if history:
+        best = max(history, key=lambda h: h["val_accuracy"])
+        # The run may have saved a better checkpoint after the budget; score the one chosen within it.
+        ckpt = run_dir / "checkpoints" / "best.keras"
+        if best["val_accuracy"] >= max(float(r["val_accuracy"]) for r in rows):
+            held_out = evaluate_held_out(run_dir, ckpt)
+    metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else {}
+    return {"history": history, "held_out": held_out, "params": metrics.get("params")}
+
+
+def evaluate_held_out(run_dir: Path, checkpoint: Path) -> float:
+    out = run_dir / "eval" / "held_out"
+    subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--run", str(run_dir), "--split", "test",
+                    "--out", str(out)], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    return json.loads((out / "metrics.json").read_text())["accuracy"]
+
+
+def macs_of(model) -> int:
+    """MACs per image of a Keras model, from the project's own model report."""
+    sys.path.insert(0, str(REPO))
+    from cnnlab.report import model_report, totals
+
+    return int(totals(model_report(model))["macs"])
+
+
+def config_cost(config_file: str, data_root: Path) -> tuple[int, int]:
+    """(MACs per image, parameters) of a config's model."""
+    sys.path.insert(0, str(REPO))
+    from cnnlab import config
+    from cnnlab.modeling import build_model, family_network
+
+    cfg = config.resolve([config_file], ["model.transfer.weights=null", f"data.path={data_root}"])
+    model = family_network(build_model(cfg, 2))
+    return macs_of(model), model.count_params()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The tutorial baseline (run in a child process of this script: `--baseline-child`)
+
+
+def baseline_child(data_root: Path, seed: int, budget_s: float, out: Path) -> None:
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(seed)
+    kwargs = dict(image_size=(180, 180), batch_size=32, label_mode="binary", verbose=False)
+    train_ds = keras.utils.image_dataset_from_directory(data_root / "train", seed=seed, **kwargs)
+    val_ds = keras.utils.image_dataset_from_directory(data_root / "val", shuffle=False, **kwargs)
+    test_ds = keras.utils.image_dataset_from_directory(data_root / "test", shuffle=False, **kwargs)
+    augmentation = keras.Sequential([layers.RandomFlip("horizontal"), layers.RandomRotation(0.1),
+                                     layers.RandomZoom(0.2)])
+    net_in = keras.Input(shape=(180, 180, 3))
+    x = layers.Rescaling(1.0 / 255)(net_in)
+    for filters in (32, 64, 128, 256):
+        x = layers.Conv2D(filters, 3, activation="relu")(x)
+        x = layers.MaxPooling2D(2)(x)
+    x = layers.Conv2D(256, 3, activation="relu")(x)
+    x = layers.Dropout(0.5)(layers.Flatten()(x))
+    net = keras.Model(net_in, layers.Dense(1, activation="sigmoid")(x))
+    inputs = keras.Input(shape=(180, 180, 3))
+    model = keras.Model(inputs, net(augmentation(inputs)))
+    model.compile(loss="binary_crossentropy", optimizer="rmsprop", metrics=["accuracy"])
+
+    history, best = [], {"acc": -1.0, "weights": None}
+
+    class Clock(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.start = self.epoch_start = time.perf_counter()
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch_start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            now = time.perf_counter()
+            history.append({"epoch": epoch + 1, "elapsed": now - self.start, "epoch_seconds": now - self.epoch_start,
+                            "val_accuracy": float(logs["val_accuracy"])})
+            print(f"baseline epoch {epoch + 1}: {history[-1]['elapsed']:.0f} s, val_accuracy "
+                  f"{logs['val_accuracy']:.4f}", flush=True)
+            if logs["val_accuracy"] > best["acc"] and now - self.start <= budget_s:
+                best.update(acc=logs["val_accuracy"], weights=self.model.get_weights())
+            # Stop once the next epoch could not end inside the budget.
+            if now - self.start + history[-1]["epoch_seconds"] > budget_s:
+                self.model.stop_training = True
+
+    model.fit(train_ds, validation_data=val_ds, epochs=1000, callbacks=[Clock()], verbose=0)
+    model.set_weights(best["weights"])
+    held_out = float(model.evaluate(test_ds, verbose=0, return_dict=True)["accuracy"])
+    out.write_text(json.dumps({"history": history, "held_out": held_out, "params": model.count_params(),
+                               "macs": macs_of(net)}))
+
+
+def run_baseline(data_root: Path, seed: int, work: Path, budget_s: float) -> dict:
+    out = work / f"baseline-seed{seed}.json"
+    print(f"\n$ tutorial baseline (seed {seed})", flush=True)
+    subprocess.run([sys.executable, __file__, "--baseline-child", "--data", str(data_root), "--seed", str(seed),
+                    "--budget", str(budget_s / 60), "--work", str(out)], check=True, timeout=budget_s + 300)
+    result = json.loads(out.read_text())
+    result["history"] = [h for h in result["history"] if h["elapsed"] <= budget_s]
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The table
+
+
+def summarise(runs: list[dict], budget_s: float, num_train: int) -> dict:
+    def stat(values):
+        values = [v for v in values if v is not None]
+        if not values:
+            return None
+        return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values))
+
+    out = {"best": stat([max((h["val_accuracy"] for h in r["history"]), default=None) for r in runs]),
+           "held_out": stat([r["held_out"] for r in runs]),
+           "rate": stat([num_train / statistics.median(h["epoch_seconds"] for h in r["history"][1:] or r["history"])
+                         for r in runs if r["history"]])}
+    for t in THRESHOLDS:
+        times = [first_time(r["history"], t) for r in runs]
+        out[t] = (stat(times), sum(x is None for x in times))
+    return out
+
+
+def fmt_stat(s, percent=False, digits=1) -> str:
+    if s is None:
+        return "-"
+    mean, std, n = s
+    scale = 100 if percent else 1
+    return f"{mean * scale:.{digits}f}" + (f" ± {std * scale:.{digits}f}" if n > 1 else "")
+
+
+def print_table(rows: dict[str, dict], budget_min: float) -> None:
+    head = (f"{'model':<22} {'MACs':>7} {'params':>7} {'img/s':>6} {'best val %':>12} {'held-out %':>12}"
+            + "".join(f" {'min to ' + str(int(t * 100)) + '%':>13}" for t in THRESHOLDS))
+    print(f"\nTime to accuracy within {budget_min:g} min of training (val = picking half; mean ± std over seeds)")
+    print(head)
+    print("-" * len(head))
+    for name, r in rows.items():
+        s = r["summary"]
+        cells = []
+        for t in THRESHOLDS:
+            stat, missed = s[t]
+            cell = fmt_stat(stat, digits=2) if stat else f"> {budget_min:g}"
+            cells.append(cell + (f" ({missed} miss)" if stat and missed else ""))
+        print(f"{name:<22} {r['macs'] / 1e6:>6.0f}M {r['params'] / 1e3:>6.0f}k {fmt_stat(s['rate'], digits=0):>6} "
+              f"{fmt_stat(s['best'], True):>12} {fmt_stat(s['held_out'], True):>12}"
+              + "".join(f" {c:>13}" for c in cells))
+
+
+def speedup_to(rows: dict[str, dict], threshold: float, name: str, baseline: str, budget_min: float) -> None:
+    ours, theirs = rows[name]["summary"][threshold][0], rows[baseline]["summary"][threshold][0]
+    if ours is None:
+        return
+    if theirs is None:
+        print(f"{name} reaches {threshold:.0%} in {ours[0]:.2f} min; the baseline not within {budget_min:g} min: "
+              f"more than {budget_min / ours[0]:.1f}x sooner.")
+    else:
+        print(f"{name} reaches {threshold:.0%} {theirs[0] / ours[0]:.1f}x sooner than the baseline "
+              f"({ours[0]:.2f} vs {theirs[0]:.2f} min).")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("configs", nargs="*", help="config files to train")
+    parser.add_argument("--data", type=Path, default=SHARED, help="train/ + val/ photo folders (default: %(default)s)")
+    parser.add_argument("--budget", type=float, default=10.0, help="wall-clock training budget per run, minutes")
+    parser.add_argument("--seeds", type=int, default=1, help="runs per config (seeds 0..N-1)")
+    parser.add_argument("--baseline-seeds", type=int, default=1, help="runs of the tutorial baseline")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the tutorial baseline")
+    parser.add_argument("--work", type=Path, default=None, help="folder for the runs (default: a temporary one)")
+    parser.add_argument("--baseline-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    budget_s = args.budget * 60
+    if args.baseline_child:
+        return baseline_child(args.data, args.seed, budget_s, args.work)
+    if not args.data.is_dir():
+        sys.exit(f"error: --data {args.data} is not a folder (the photos: train/ and val/ with cats/ and dogs/)")
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="time_to_accuracy-"))
+    data_root = split_folder(args.data, work)
+    num_train = sum(1 for p in (data_root / "train").rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    rows: dict[str, dict] = {}
+    for config_file in args.configs:
+        runs = [run_config(config_file, seed, data_root, work, budget_s) for seed in range(args.seeds)]
+        macs, params = config_cost(config_file, data_root)
+        rows[Path(config_file).stem] = {"runs": runs, "macs": macs, "params": params,
+                                        "summary": summarise(runs, budget_s, num_train)}
+    if not args.no_baseline:
+        runs = [run_baseline(data_root, seed, work, budget_s) for seed in range(args.baseline_seeds)]
+        rows["tutorial baseline"] = {"runs": runs, "macs": runs[0]["macs"], "params": runs[0]["params"],
+                                     "summary": summarise(runs, budget_s, num_train)}
+
+    for name, r in rows.items():
+        for seed, run in enumerate(r["runs"]):
+            print(f"\n{name}, seed {seed}: " + ", ".join(
+                f"{h['elapsed']:.0f}s {h['val_accuracy']:.3f}" for h in run["history"]))
+    print(f"\nMachine: {os.cpu_count()} CPU cores; {time.strftime('%Y-%m-%d')}; runs in {work}")
+    print_table(rows, args.budget)
+    if "tutorial baseline" in rows:
+        for name in rows:
+            if name != "tutorial baseline":
+                speedup_to(rows, 0.75, name, "tutorial baseline", args.budget)
+    (work / "results.json").write_text(json.dumps(rows, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

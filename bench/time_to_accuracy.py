@@ -213,7 +213,7 @@ def fmt_stat(s, percent=False, digits=1) -> str:
 
 
 def print_table(rows: dict[str, dict], budget_min: float) -> None:
-    head = (f"{'model':<22} {'MACs':>7} {'params':>7} {'img/s':>6} {'best val %':>12} {'held-out %':>12}"
+    head = (f"{'model':<22} {'MACs':>7} {'params':>7} {'img/s':>9} {'best val %':>12} {'held-out %':>12}"
             + "".join(f" {'min to ' + str(int(t * 100)) + '%':>13}" for t in THRESHOLDS))
     print(f"\nTime to accuracy within {budget_min:g} min of training (val = picking half; mean ± std over seeds)")
     print(head)
@@ -225,7 +225,7 @@ def print_table(rows: dict[str, dict], budget_min: float) -> None:
             stat, missed = s[t]
             cell = fmt_stat(stat, digits=2) if stat else f"> {budget_min:g}"
             cells.append(cell + (f" ({missed} miss)" if stat and missed else ""))
-        print(f"{name:<22} {r['macs'] / 1e6:>6.0f}M {r['params'] / 1e3:>6.0f}k {fmt_stat(s['rate'], digits=0):>6} "
+        print(f"{name:<22} {r['macs'] / 1e6:>6.0f}M {r['params'] / 1e3:>6.0f}k {fmt_stat(s['rate'], digits=0):>9} "
               f"{fmt_stat(s['best'], True):>12} {fmt_stat(s['held_out'], True):>12}"
               + "".join(f" {c:>13}" for c in cells))
 

@@ -34,12 +34,18 @@ THRESHOLDS = (0.75, 0.80, 0.85, 0.90)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
 
+def fail(message: str) -> None:
+    """Bad input: one line on stderr, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def split_folder(data: Path, work: Path) -> Path:
     """`work/data` with train -> data/train, val = the picking half and test = the held-out half of data/val."""
     root = work / "data"
     val_dir = next((data / d for d in ("val", "validation") if (data / d).is_dir()), None)
     if not (data / "train").is_dir() or val_dir is None:
-        sys.exit(f"error: --data {data} needs train/ and val/ (or validation/) folders")
+        fail(f"--data {data} needs train/ and val/ (or validation/) folders")
     if not (root / "train").exists():
         root.mkdir(parents=True, exist_ok=True)
         (root / "train").symlink_to((data / "train").resolve(), target_is_directory=True)
@@ -258,7 +264,7 @@ def main() -> None:
     if args.baseline_child:
         return baseline_child(args.data, args.seed, budget_s, args.work)
     if not args.data.is_dir():
-        sys.exit(f"error: --data {args.data} is not a folder (the photos: train/ and val/ with cats/ and dogs/)")
+        fail(f"--data {args.data} is not a folder (the photos: train/ and val/ with cats/ and dogs/)")
 
     work = args.work or Path(tempfile.mkdtemp(prefix="time_to_accuracy-"))
     data_root = split_folder(args.data, work)

@@ -19,6 +19,7 @@ counts only epochs that ended within it.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import statistics
@@ -29,6 +30,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # the project's own model report, for MACs
 SHARED = REPO.parent / "shared" / "data" / "cats_vs_dogs"
 THRESHOLDS = (0.75, 0.80, 0.85, 0.90)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
@@ -68,8 +70,6 @@ def first_time(history: list[dict], threshold: float) -> float | None:
 
 
 def run_config(config_file: str, seed: int, data_root: Path, work: Path, budget_s: float) -> dict:
-    import csv
-
     name = f"{Path(config_file).stem}-seed{seed}"
     overrides = [f"data.path={data_root}", f"run.seed={seed}", f"run.dir={work / 'runs'}", f"run.name={name}"]
     cmd = [sys.executable, str(REPO / "train.py"), "--config", config_file, "--overwrite"]
@@ -90,15 +90,14 @@ def run_config(config_file: str, seed: int, data_root: Path, work: Path, budget_
     held_out = None
     if history:
         best = max(history, key=lambda h: h["val_accuracy"])
-        # The run may have saved a better checkpoint after the budget; score the one chosen within it.
-        ckpt = run_dir / "checkpoints" / "best.keras"
+        # The best checkpoint is scored only when it was chosen within the budget (the run may go on past it).
         if best["val_accuracy"] >= max(float(r["val_accuracy"]) for r in rows):
-            held_out = evaluate_held_out(run_dir, ckpt)
-    metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else {}
-    return {"history": history, "held_out": held_out, "params": metrics.get("params")}
+            held_out = evaluate_held_out(run_dir)
+    return {"history": history, "held_out": held_out}
 
 
-def evaluate_held_out(run_dir: Path, checkpoint: Path) -> float:
+def evaluate_held_out(run_dir: Path) -> float:
+    """The run's best checkpoint scored on the held-out half (the folder's test split), through evaluate.py."""
     out = run_dir / "eval" / "held_out"
     subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--run", str(run_dir), "--split", "test",
                     "--out", str(out)], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
@@ -107,7 +106,6 @@ def evaluate_held_out(run_dir: Path, checkpoint: Path) -> float:
 
 def macs_of(model) -> int:
     """MACs per image of a Keras model, from the project's own model report."""
-    sys.path.insert(0, str(REPO))
     from cnnlab.report import model_report, totals
 
     return int(totals(model_report(model))["macs"])
@@ -115,7 +113,6 @@ def macs_of(model) -> int:
 
 def config_cost(config_file: str, data_root: Path) -> tuple[int, int]:
     """(MACs per image, parameters) of a config's model."""
-    sys.path.insert(0, str(REPO))
     from cnnlab import config
     from cnnlab.modeling import build_model, family_network
 
@@ -193,7 +190,7 @@ def run_baseline(data_root: Path, seed: int, work: Path, budget_s: float) -> dic
 # The table
 
 
-def summarise(runs: list[dict], budget_s: float, num_train: int) -> dict:
+def summarise(runs: list[dict], num_train: int) -> dict:
     def stat(values):
         values = [v for v in values if v is not None]
         if not values:
@@ -274,11 +271,11 @@ def main() -> None:
         runs = [run_config(config_file, seed, data_root, work, budget_s) for seed in range(args.seeds)]
         macs, params = config_cost(config_file, data_root)
         rows[Path(config_file).stem] = {"runs": runs, "macs": macs, "params": params,
-                                        "summary": summarise(runs, budget_s, num_train)}
+                                        "summary": summarise(runs, num_train)}
     if not args.no_baseline:
         runs = [run_baseline(data_root, seed, work, budget_s) for seed in range(args.baseline_seeds)]
         rows["tutorial baseline"] = {"runs": runs, "macs": runs[0]["macs"], "params": runs[0]["params"],
-                                     "summary": summarise(runs, budget_s, num_train)}
+                                     "summary": summarise(runs, num_train)}
 
     for name, r in rows.items():
         for seed, run in enumerate(r["runs"]):

@@ -473,6 +473,7 @@ def build_datasets(data_cfg: dict, seed: int, augment_cfg: dict | None = None) -
     report = SourceReport()
     splits, class_names = source_splits(data_cfg, seed, report)
     cache = data_cfg["cache"]
+    mixing = augment_cfg or {}
     built = {}
     for split, (ds, _) in splits.items():
         split_cache = cache if cache in ("memory", "none") else f"{cache}.{split}"
@@ -480,7 +481,7 @@ def build_datasets(data_cfg: dict, seed: int, augment_cfg: dict | None = None) -
             ds.map(lambda x, y, _id: (x, y)), training=split == "train", cache=split_cache,
             batch_size=data_cfg["batch_size"], num_classes=len(class_names),
             shuffle_buffer=data_cfg["shuffle_buffer"], seed=seed,
-            mixup=(augment_cfg or {}).get("mixup", 0.0), cutmix=(augment_cfg or {}).get("cutmix", 0.0),
+            mixup=mixing.get("mixup", 0.0), cutmix=mixing.get("cutmix", 0.0),
         )
     return Datasets(
         train=built["train"], val=built["val"], test=built.get("test"), class_names=class_names,

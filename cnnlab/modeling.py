@@ -19,9 +19,8 @@ def augmentation_layers(augment_cfg: dict, seed: int) -> list[layers.Layer]:
     """The augmentation layers an `augment` config section asks for, in order."""
     out: list[layers.Layer] = []
     if augment_cfg["crop"] is not None:
-        scale = augment_cfg["crop_scale"]
-        out.append(RandomResizedCrop(*as_size(augment_cfg["crop"]), scale=scale, ratio=augment_cfg["crop_ratio"],
-                                     seed=seed, name="aug_crop"))
+        out.append(RandomResizedCrop(*as_size(augment_cfg["crop"]), scale=augment_cfg["crop_scale"],
+                                     ratio=augment_cfg["crop_ratio"], seed=seed, name="aug_crop"))
     if augment_cfg["flip"] != "none":
         out.append(layers.RandomFlip(augment_cfg["flip"], seed=seed, name="aug_flip"))
     if augment_cfg["rotation"]:

@@ -47,7 +47,6 @@ class RandomResizedCrop(keras.layers.Layer):
         self.ratio = tuple(float(r) for r in ratio)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
-        self.supports_masking = False
 
     def call(self, images, training=None):
         in_h, in_w = images.shape[1], images.shape[2]

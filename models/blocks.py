@@ -45,6 +45,18 @@ def regularizer(weight_decay: float):
     return keras.regularizers.L2(weight_decay) if weight_decay else None
 
 
+def stem(input_shape, filters: int, kernel_size: int, strides: int, first_stage: dict, **common):
+    """The image input, its rescaling, and a KxK conv stem with the first stage's activation and batch norm.
+
+    The pointwise and separable families start this way: their stages cannot see neighbouring pixels on their own
+    (1x1) or mix channels in their first layer (depthwise), so a standard conv comes first.
+    """
+    inputs, x = rescaled_input(input_shape)
+    x = conv_bn_act(x, filters, kernel_size, strides=strides, activation=first_stage["activation"],
+                    batch_norm=first_stage["batch_norm"], name="stem", **common)
+    return inputs, x
+
+
 def norm_act(x, batch_norm: bool, activation: str, name: str, bn_momentum: float = 0.99):
     """Batch norm (optional) then the activation."""
     if batch_norm:

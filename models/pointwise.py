@@ -12,7 +12,7 @@ from keras import layers
 
 from models import register
 from models.blocks import (check_common, conv_bn_act, dense_head, expand_stages, output_layer, regularizer,
-                           rescaled_input, shortcut, stage_end)
+                           shortcut, stage_end, stem)
 
 
 @register("pointwise")
@@ -80,9 +80,7 @@ def pointwise(
                            strides=strides, activation=activation, batch_norm=batch_norm, pooling=pooling,
                            dropout=dropout)
     common = dict(kernel_initializer=kernel_initializer, weight_decay=weight_decay, bn_momentum=bn_momentum)
-    inputs, x = rescaled_input(input_shape)
-    x = conv_bn_act(x, stem_filters, stem_kernel_size, strides=stem_strides, activation=stages[0]["activation"],
-                    batch_norm=stages[0]["batch_norm"], name="stem", **common)
+    inputs, x = stem(input_shape, stem_filters, stem_kernel_size, stem_strides, stages[0], **common)
     for i, st in enumerate(stages, start=1):
         squeezed = max(1, int(round(st["filters"] * st["bottleneck_ratio"])))
         act, bn = st["activation"], st["batch_norm"]

@@ -29,7 +29,7 @@ def test_folder_with_train_and_validation_dirs(tmp_path):
     assert ds.class_names == ["cats", "dogs"]  # sorted, whatever order they were made in
     assert (ds.num_train, ds.num_val, ds.num_test) == (10, 10, 0)
     x, y = collect(ds.val)
-    assert x.shape == (10, 20, 16, 3) and x.dtype == np.float32
+    assert x.shape == (10, 20, 16, 3) and x.dtype == np.uint8  # the model casts at its input
     assert 0 <= x.min() and x.max() <= 255 and x.max() > 100
     assert y.shape == (10, 1) and sorted(y[:, 0].tolist()) == [0] * 5 + [1] * 5
     # cats were made red-dominant (channel 0 of class index 0 in make order was dogs): check colours follow labels
@@ -75,6 +75,26 @@ def test_an_undecodable_file_is_dropped_not_fatal(tmp_path):
     ds = data.build_datasets(folder_cfg(tmp_path), seed=0)
     x, _ = collect(ds.train)
     assert x.shape[0] == 8  # the text file is skipped, the 8 real images all arrive
+
+
+@pytest.mark.parametrize("cache", ["memory", "none"])
+def test_training_order_is_reshuffled_every_epoch_and_serves_each_image_once(tmp_path, cache):
+    # Uncached folders shuffle file names before decoding, cached ones shuffle decoded images: both must give
+    # every image once per epoch, in a new order each epoch.
+    make_image_folder(tmp_path, per_class=12)
+    train = data.build_datasets(folder_cfg(tmp_path, **{"data.cache": cache}), seed=0).train
+    epochs = [[x.tobytes() for x in collect(train)[0]] for _ in range(3)]
+    assert all(len(e) == 24 and sorted(e) == sorted(epochs[0]) and len(set(e)) == 24 for e in epochs)
+    assert epochs[0] != epochs[1] != epochs[2]
+
+
+def test_mixed_batches_are_float32_and_stay_in_pixel_range(tmp_path):
+    make_image_folder(tmp_path, per_class=4)
+    train = data.build_datasets(folder_cfg(tmp_path), seed=0, augment_cfg={"mixup": 1.0, "cutmix": 0.0}).train
+    x, y = collect(train)
+    assert x.dtype == np.float32 and 0 <= x.min() and x.max() <= 255
+    assert np.any((y > 0) & (y < 1))  # blended labels: MixUp really ran
+    assert np.any(x != np.round(x))   # and blended pixels were not rounded back to whole values
 
 
 def test_synthetic_images_are_deterministic_and_class_dependent():

@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from cnnlab.errors import UserError
     from cnnlab.modeling import build_model
     from cnnlab.runs import checkpoint_path, load_checkpoint, run_config
+    from cnnlab import plots
     from cnnlab.visualize import write_filter_figures
 
     cfg, initial = None, None
@@ -73,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--layer: {e}") from None
     for path in written:
         print(f"Wrote {path}")
+    layer = plots.find_conv_layer(model, args.layer)
+    if plots.kernel_kind(layer) == "standard" and plots.layer_kernel(layer).shape[2] == 3:
+        print(f"{layer.name}: {plots.structure_summary(plots.layer_kernel(layer))}")
     if image is None:
         print("No image given (--image), so no feature maps or classic-filter comparison.")
     return 0

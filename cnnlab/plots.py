@@ -8,6 +8,7 @@ what TensorBoard receives each epoch; the `plot_*` functions draw them with titl
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import matplotlib
 
@@ -139,8 +140,10 @@ def plot_kernels(layer: layers.Layer, model_name: str, per_tile: bool = True, ma
     ax.imshow(grid, interpolation="nearest")
     ax.set_axis_off()
     colour = "RGB" if kernel.shape[2] == 3 else f"mean over {kernel.shape[2]} input channels"
-    ax.set_title(_title(model_name, layer, f"{n} filters, {colour}, {'per-tile' if per_tile else 'global'} scale; "
-                                           "gray = 0"), fontsize=8)
+    title = _title(model_name, layer, f"{n} filters, {colour}, {'per-tile' if per_tile else 'global'} scale; gray = 0")
+    if kernel.shape[2] == 3:  # a first layer, looking at pixels: say what its filters have become
+        title += "\n" + structure_summary(kernel)
+    ax.set_title(title, fontsize=8)
     return fig
 
 
@@ -196,7 +199,9 @@ def plot_mixing_matrix(layer: layers.Layer, model_name: str) -> plt.Figure:
 def plot_feature_maps(model: keras.Model, layer: layers.Layer, image: np.ndarray, model_name: str,
                       max_maps: int = 32) -> plt.Figure:
     """The activations of `layer` for one image, as a grid of maps, with the input beside them."""
-    maps = np.asarray(keras.ops.convert_to_numpy(activations(model, layer, image[None].astype("float32"))))[0]
+    maps = keras.ops.convert_to_numpy(activations(model, layer, image[None].astype("float32")))[0]
+    # A mixed-precision model gives bfloat16/float16 maps, which Matplotlib draws as one flat colour.
+    maps = np.asarray(maps, dtype=np.float32)
     n = min(maps.shape[-1], max_maps)
     columns = math.ceil(math.sqrt(n))
     rows = math.ceil(n / columns)
@@ -270,6 +275,65 @@ def most_similar_filters(kernel: np.ndarray) -> dict[str, tuple[int, float]]:
         best = int(np.argmax(np.abs(cos)))
         out[name] = (best, float(cos[best]))
     return out
+
+
+@dataclass
+class KernelStructure:
+    """What one first-layer filter is made of: the shares of its energy (sum of squared weights) in each input
+    channel's mean (a colour blob), in a linear ramp across the window per channel (an oriented edge), and the
+    rest; and the ramp's direction."""
+
+    kind: str           # "colour blob" | "oriented edge" | "other"
+    blob: float         # energy share of the per-channel means
+    edge: float         # energy share of the per-channel linear ramps
+    angle: float        # orientation of the ramp in degrees [0, 180): 0 = changes left to right (a vertical
+                        #   edge), 90 = top to bottom (a horizontal edge); meaningful for edges only
+
+
+def kernel_structure(kernel: np.ndarray, threshold: float = 0.5) -> list[KernelStructure]:
+    """Classifies each filter of a (K_h, K_w, C_in, C_out) kernel as a colour blob, an oriented edge or other.
+
+    A filter is a colour blob when at least `threshold` of its energy lies in its per-channel means (it responds to
+    a colour, wherever it is in the window), an oriented edge when at least `threshold` lies in per-channel linear
+    ramps (it responds to brightness or colour changing in one direction across the window: a step edge through
+    the centre has 86% of its energy in the ramp, a 3x3 edge detector in a corner of a 7x7 window very little).
+    A random 7x7x3 filter puts about 2% of its energy in the means and 4% in the ramps. Ramps of several channels
+    share one direction, the principal axis of their gradients, so a colour-opponent edge (red rising where green
+    falls) counts as one edge.
+
+    Example:
+
+        >>> sobel_x = np.array([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]], float)
+        >>> kernel_structure(np.repeat(sobel_x[:, :, None, None], 3, axis=2))[0].kind
+        'oriented edge'
+    """
+    kh, kw = kernel.shape[:2]
+    ys, xs = np.mgrid[0:kh, 0:kw].astype(np.float64)
+    basis = [np.full((kh, kw), 1.0), xs - xs.mean(), ys - ys.mean()]
+    basis = [b / np.linalg.norm(b) if np.linalg.norm(b) else b for b in basis]  # a 1-wide kernel has no ramp
+    out = []
+    for f in range(kernel.shape[-1]):
+        k = kernel[..., f].astype(np.float64)  # (K_h, K_w, C_in)
+        total = max(float((k ** 2).sum()), 1e-30)
+        mean, gx, gy = (np.tensordot(b, k, axes=([0, 1], [0, 1])) for b in basis)  # each (C_in,)
+        blob, edge = float((mean ** 2).sum()) / total, float((gx ** 2).sum() + (gy ** 2).sum()) / total
+        # Principal axis of the per-channel gradients (gx_c, gy_c): sign-free, so opponent channels agree.
+        m = np.array([[gx @ gx, gx @ gy], [gx @ gy, gy @ gy]])
+        axis = np.linalg.eigh(m)[1][:, -1]
+        angle = float(np.degrees(np.arctan2(axis[1], axis[0])) % 180)
+        kind = "colour blob" if blob >= threshold else "oriented edge" if edge >= threshold else "other"
+        out.append(KernelStructure(kind, blob, edge, angle))
+    return out
+
+
+def structure_summary(kernel: np.ndarray) -> str:
+    """One line: how many filters are colour blobs, oriented edges (with their directions) and other."""
+    found = kernel_structure(kernel)
+    count = {kind: sum(s.kind == kind for s in found) for kind in ("colour blob", "oriented edge", "other")}
+    angles = sorted(round(s.angle) for s in found if s.kind == "oriented edge")
+    return (f"{count['colour blob']} colour blobs, {count['oriented edge']} oriented edges"
+            + (f" (ramps at {', '.join(f'{a}' for a in angles)} degrees)" if angles else "")
+            + f", {count['other']} other, of {len(found)} filters")
 
 
 def plot_classic_filters(image: np.ndarray, kernel: np.ndarray | None, title: str) -> plt.Figure:

@@ -6,6 +6,7 @@ import pytest
 
 from cnnlab import config, plots
 from cnnlab.modeling import build_model
+from cnnlab.runtime import set_precision
 from cnnlab.visualize import write_filter_figures
 from tests.conftest import REPO, assert_user_error, run_cli
 
@@ -82,6 +83,38 @@ def test_most_similar_filter_finds_a_planted_sobel():
     assert best == 11 and cos < -0.95
 
 
+def test_feature_maps_of_a_mixed_precision_model_are_drawn_as_float32_not_flat():
+    cfg = config.resolve([str(REPO / "configs" / "smoke.yaml")], [])
+    set_precision("mixed_bfloat16")
+    try:
+        model = build_model(cfg, 2)
+    finally:
+        set_precision("float32")
+    image = np.random.default_rng(0).uniform(0, 255, (32, 32, 3)).astype(np.float32)
+    fig = plots.plot_feature_maps(model, plots.find_conv_layer(model), image, "m")
+    maps = [im.get_array() for ax in fig.axes[1:] for im in ax.images]
+    assert len(maps) == 8 and all(m.dtype == np.float32 and float(np.std(m)) > 0 for m in maps)
+
+
+def test_kernel_structure_tells_colour_blobs_edges_and_noise_apart():
+    rng = np.random.default_rng(0)
+    kernel = rng.normal(0, 1, (7, 7, 3, 6))                      # filters 4, 5: random
+    kernel[..., 0] = 0
+    kernel[..., 0, 0] = 1                                         # a red blob
+    ramp = np.arange(7) - 3.0
+    kernel[..., 1] = ramp[None, :, None]                          # brightness rising left to right: 0 degrees
+    kernel[..., 2] = ramp[:, None, None] * [1.0, -1.0, 0.0]       # red up, green down, top to bottom: 90 degrees
+    kernel[..., 3] = np.sign(ramp)[None, :, None] + 0.2 * rng.normal(size=(7, 7, 3))  # a noisy step edge
+    found = plots.kernel_structure(kernel)
+    assert [f.kind for f in found] == ["colour blob", "oriented edge", "oriented edge", "oriented edge", "other",
+                                       "other"]
+    assert found[0].blob > 0.99 and found[1].edge > 0.99
+    assert found[1].angle == pytest.approx(0, abs=1e-6) and found[2].angle == pytest.approx(90, abs=1e-6)
+    assert found[3].angle == pytest.approx(0, abs=10)
+    assert all(f.blob < 0.2 and f.edge < 0.2 for f in found[4:])  # random filters: ~2% and ~4% expected
+    assert plots.structure_summary(kernel).startswith("1 colour blobs, 3 oriented edges (ramps at 0, 0, 90 degrees)")
+
+
 def test_cli_on_a_trained_run_writes_figures_and_says_where(tmp_path):
     proc = run_cli("train.py", "--config", "configs/smoke.yaml", "--set", f"run.dir={tmp_path}", "--set",
                    "run.name=r", "--set", "training.epochs=1", timeout=120)
@@ -93,6 +126,7 @@ def test_cli_on_a_trained_run_writes_figures_and_says_where(tmp_path):
     assert {p.split("stage1_block1_conv_")[1].rsplit(".", 1)[0] for p in written} == expected
     assert all((tmp_path / "r" / "figures").joinpath(p.split("/")[-1]).stat().st_size > 1000 for p in written)
     assert any(p.endswith(".svg") for p in written)
+    assert "stage1_block1_conv: " in proc.stdout and " of 8 filters" in proc.stdout  # smoke's first layer: 8
     assert_user_error(run_cli("visualize_filters.py", "--run", str(tmp_path / "r"), "--layer", "nope"),
                       "--layer", "stage1_block1_conv", "Received: 'nope'")
     assert_user_error(run_cli("visualize_filters.py", "--checkpoint", str(tmp_path / "missing.keras")),

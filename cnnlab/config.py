@@ -183,6 +183,19 @@ def _positive_number(v):
     return None if _is_num(v) and v > 0 else "a number > 0"
 
 
+def _initializer(v) -> str | None:
+    """A Keras initializer: a name (`he_normal`) or a serialized one (`{class_name: RandomNormal, config: {...}}`)."""
+    import keras  # only for the config-checking of this one key
+
+    if not isinstance(v, (str, dict)) or (isinstance(v, dict) and "class_name" not in v):
+        return "an initializer name or {class_name: ..., config: {...}}"
+    try:
+        keras.initializers.get(v)
+    except (ValueError, TypeError) as e:
+        return f"a Keras initializer ({str(e).splitlines()[0][:80]})"
+    return None
+
+
 def _per_stage(check: Callable) -> Callable:
     """A model key that takes one value for every stage, or a list with one value per stage."""
 
@@ -232,7 +245,8 @@ RULES: dict[str, Callable] = {
     "model.*.batch_norm": _per_stage(lambda v: None if isinstance(v, bool) else "true or false"),
     "model.*.weight_decay": _num_in(0, 1),
     "model.*.bn_momentum": _num_in(0, 1),
-    "model.standard.kernel_initializer": _per_stage(lambda v: None if isinstance(v, str) else "an initializer name"),
+    "model.standard.kernel_initializer": _per_stage(_initializer),
+    "model.*.kernel_initializer": _initializer,
     "model.*.stem_filters": _int_at_least(1),
     "model.*.stem_kernel_size": _int_at_least(1),
     "model.*.stem_strides": _int_at_least(1),

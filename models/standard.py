@@ -47,7 +47,7 @@ def standard(
         pooling: `"max"`, `"avg"` or `"none"` 2x2 pooling closing each stage (per stage).
         dropout: spatial dropout closing each stage (per stage).
         residual: add a shortcut around each stage's conv blocks (projected when shapes change).
-        kernel_initializer: Keras initializer name for conv kernels (per stage).
+        kernel_initializer: Keras initializer for conv kernels, a name or a serialized initializer (per stage).
         weight_decay: L2 penalty on conv and dense kernels.
         bn_momentum: momentum of the batch-norm moving statistics; lower follows fast-changing weights sooner
             (short runs, few steps per epoch).

@@ -86,6 +86,22 @@ def test_per_stage_arguments_reach_the_layers():
     assert [layer.name for layer in model.layers if "pool" in layer.name] == ["stage1_avgpool", "head_pool"]
 
 
+def test_a_serialized_initializer_from_the_config_sets_that_stage_and_survives_saving(tmp_path):
+    # The documented way to start the first layer small, so what training adds to it is what its plot shows.
+    small = {"class_name": "RandomNormal", "config": {"stddev": 0.01, "seed": 3}}
+    cfg = config.resolve([str(REPO / "configs" / "smoke.yaml")],
+                         [f"model.standard.kernel_initializer=[{small}, he_normal]".replace("'", "")])
+    model = build_model(cfg, 2)
+    net = family_network(model)
+    first = np.asarray(net.get_layer("stage1_block1_conv").kernel)
+    second = np.asarray(net.get_layer("stage2_block1_conv").kernel)
+    he_std = np.sqrt(2 / np.prod(second.shape[:3]))
+    assert abs(first.std() - 0.01) < 0.003 and abs(second.std() - he_std) < 0.3 * he_std
+    model.save(tmp_path / "m.keras")
+    reloaded = family_network(keras.models.load_model(tmp_path / "m.keras"))
+    assert reloaded.get_layer("stage1_block1_conv").kernel_initializer.stddev == 0.01
+
+
 def rows_by_name(model):
     return {r.name: r for r in model_report(model)}
 

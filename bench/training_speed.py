@@ -4,7 +4,9 @@
     python bench/training_speed.py --tutorial-epochs 3    # + project vs image_dataset_from_directory + fit
 
 Part 1 trains each config on in-memory batches (so only the model is timed) for --steps steps after a warm-up,
-alternating precisions, and reports the median of --rounds. Part 2 trains the standard config's model through
+alternating precisions, and reports the median of --rounds. It then takes the first config apart (without its
+augmentation layers, then also without batch norm, then its convolutions alone in a single Conv2D step) to show
+which parts bfloat16 speeds up and which it does not. Part 2 trains the standard config's model through
 `train.py`'s code path and the way the TensorFlow tutorial does it (image_dataset_from_directory + model.fit, no
 cache, float32), for the same epochs and image size, on the shared photos, and compares images/s.
 """
@@ -12,6 +14,7 @@ cache, float32), for the same epochs and image size, on the shared photos, and c
 from __future__ import annotations
 
 import argparse
+import csv
 import statistics
 import sys
 import tempfile
@@ -25,7 +28,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from cnnlab import config  # noqa: E402
+from cnnlab import config, data  # noqa: E402
 from cnnlab.modeling import build_model  # noqa: E402
 from cnnlab.runtime import set_precision  # noqa: E402
 from cnnlab.training import compile_model, train  # noqa: E402
@@ -42,13 +45,59 @@ def model_rate(cfg: dict, precision: str, steps: int, batch: int) -> float:
     h, w = cfg["data"]["image_size"]
     x = tf.constant(np.random.default_rng(0).uniform(0, 255, (batch, h, w, 3)).astype("float32"))
     y = tf.constant(np.random.default_rng(1).integers(0, 2, (batch, 1)).astype("float32"))
-    ds = tf.data.Dataset.from_tensors((x, y)).repeat(steps + 3)
+    # The project's tf.data options (autotuning off): with autotuning on, tearing down an iterator can stall for
+    # seconds, which lands inside the timed fit() and swamped the model's own time in earlier runs of this bench.
+    ds = tf.data.Dataset.from_tensors((x, y)).repeat(steps + 3).with_options(data.pipeline_options())
     model.fit(ds.take(3), verbose=0)  # compile and warm up
     start = time.perf_counter()
     model.fit(ds.take(steps), verbose=0)
     rate = steps * batch / (time.perf_counter() - start)
     set_precision("float32")
     return rate
+
+
+def conv_rate(precision: str, size: int, batch: int, channels: int, steps: int) -> float:
+    """Images/s of one 3x3 Conv2D (channels -> channels, same padding) trained alone: the kernel bfloat16 is for."""
+    set_precision(precision)
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((size, size, channels))
+    model = keras.Model(inputs, keras.layers.Conv2D(channels, 3, padding="same")(inputs))
+    model.compile(optimizer="sgd", loss="mse", jit_compile="auto")
+    x = tf.constant(np.random.default_rng(0).normal(size=(batch, size, size, channels)).astype("float32"))
+    ds = tf.data.Dataset.from_tensors((x, x)).repeat(steps + 3).with_options(data.pipeline_options())
+    model.fit(ds.take(3), verbose=0)
+    start = time.perf_counter()
+    model.fit(ds.take(steps), verbose=0)
+    rate = steps * batch / (time.perf_counter() - start)
+    set_precision("float32")
+    return rate
+
+
+def why_bfloat16(args, name: str) -> None:
+    """Where bfloat16 helps: the config's model with parts removed, and a convolution alone, in both precisions."""
+    no_aug = ["augment.flip=none", "augment.rotation=0", "augment.zoom=0", "augment.contrast=0", "augment.crop=null"]
+    family = config.resolve([str(REPO / "configs" / f"{name}.yaml")], [])["model"]["name"]
+    variants = {
+        "whole model (augmentation layers included)": [],
+        "without the augmentation layers": no_aug,
+        "... and without batch norm": no_aug + [f"model.{family}.batch_norm=false"],
+    }
+    print(f"\nWhere bfloat16 helps, {name} ({args.size}x{args.size}, batch {args.batch}, median of {args.rounds})")
+    print(f"{'variant':<46} {'float32':>10} {'bfloat16':>10} {'bf16/f32':>9}")
+    for label, sets in variants.items():
+        cfg = config.resolve([str(REPO / "configs" / f"{name}.yaml")],
+                             [f"data.image_size=[{args.size},{args.size}]", "model.transfer.weights=null",
+                              f"data.batch_size={args.batch}"] + sets)
+        rates = {p: statistics.median(model_rate(cfg, p, args.steps, args.batch) for _ in range(args.rounds))
+                 for p in ("float32", "mixed_bfloat16")}
+        print(f"{label:<46} {rates['float32']:>10.1f} {rates['mixed_bfloat16']:>10.1f} "
+              f"{rates['mixed_bfloat16'] / rates['float32']:>9.2f}")
+    for channels, size in ((32, args.size), (128, args.size // 4)):
+        rates = {p: statistics.median(conv_rate(p, size, args.batch, channels, args.steps) for _ in range(args.rounds))
+                 for p in ("float32", "mixed_bfloat16")}
+        label = f"one 3x3 conv alone, {channels}->{channels} at {size}x{size}"
+        print(f"{label:<46} {rates['float32']:>10.1f} {rates['mixed_bfloat16']:>10.1f} "
+              f"{rates['mixed_bfloat16'] / rates['float32']:>9.2f}")
 
 
 def families(args) -> None:
@@ -81,9 +130,18 @@ def tutorial_way(cfg: dict, epochs: int) -> float:
                                                        label_mode="binary", verbose=False)
     model = build_model(cfg, 2)
     compile_model(model, cfg["training"], 2, steps_per_epoch=63, jit_compile="auto")
+    seconds = []
+
+    class EpochClock(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            seconds.append(time.perf_counter() - self.start)
+
     start = time.perf_counter()
-    model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=0)
-    return 2000 * epochs / (time.perf_counter() - start)
+    model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=0, callbacks=[EpochClock()])
+    return 2000 * epochs / (time.perf_counter() - start), 2000 / seconds[-1]
 
 
 def project_way(cfg: dict, epochs: int) -> float:
@@ -91,23 +149,26 @@ def project_way(cfg: dict, epochs: int) -> float:
         cfg = config.resolve([], [f"run.dir={runs}", f"training.epochs={epochs}"], base=cfg)
         start = time.perf_counter()
         train(cfg, ["bench.yaml"])
-        return 2000 * epochs / (time.perf_counter() - start)
+        wall = 2000 * epochs / (time.perf_counter() - start)
+        history = list(csv.DictReader(open(next(Path(runs).glob("*/history.csv")))))
+        return wall, 2000 / float(history[-1]["epoch_seconds"])
 
 
 def versus_tutorial(args) -> None:
     base = config.resolve([str(REPO / "configs/cats_vs_dogs_standard.yaml")], [
         "data.source=folder", f"data.path={SHARED}", f"data.image_size=[{args.size},{args.size}]",
         "runtime.log_histograms=false", "runtime.log_kernel_images=false"])
-    project_f32 = project_way(base, args.tutorial_epochs)
+    project_f32 = project_way(config.resolve([], ["runtime.precision=float32"], base=base), args.tutorial_epochs)
     project_auto = project_way(config.resolve([], ["runtime.precision=auto"], base=base), args.tutorial_epochs)
     tutorial = tutorial_way(base, args.tutorial_epochs)
     print(f"\nThe standard config's model, {args.tutorial_epochs} epochs on the 2,000 shared photos at "
-          f"{args.size}x{args.size} (wall clock including validation, decoding and start-up)")
-    print(f"{'way':<52} {'images/s':>9} {'vs tutorial':>12}")
-    for name, rate in (("tutorial: image_dataset_from_directory + fit, float32", tutorial),
-                       ("project: train.py, float32", project_f32),
-                       ("project: train.py, runtime.precision=auto", project_auto)):
-        print(f"{name:<52} {rate:>9.1f} {rate / tutorial:>12.2f}")
+          f"{args.size}x{args.size}: images/s over the whole run (wall clock: start-up, decoding, validation) and in "
+          f"its last epoch (validation included)")
+    print(f"{'way':<52} {'whole run':>10} {'vs tutorial':>12} {'last epoch':>11} {'vs tutorial':>12}")
+    for name, (wall, last) in (("tutorial: image_dataset_from_directory + fit, float32", tutorial),
+                               ("project: train.py, float32", project_f32),
+                               ("project: train.py, runtime.precision=auto", project_auto)):
+        print(f"{name:<52} {wall:>10.1f} {wall / tutorial[0]:>12.2f} {last:>11.1f} {last / tutorial[1]:>12.2f}")
 
 
 def main() -> None:
@@ -121,6 +182,7 @@ def main() -> None:
     parser.add_argument("--tutorial-epochs", type=int, default=0, help="also compare with the tutorial way")
     args = parser.parse_args()
     families(args)
+    why_bfloat16(args, args.configs[0])
     if args.tutorial_epochs:
         versus_tutorial(args)
 

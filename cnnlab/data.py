@@ -143,10 +143,10 @@ def _finish(ds: tf.data.Dataset, *, training: bool, cache: str, batch_size: int,
     ds = ds.map(lambda x, y, _id: (x, encode_labels(y, num_classes)), num_parallel_calls=AUTOTUNE)
     if training:
         ds = mix_batches(ds, mixup, cutmix, seed)
-    return ds.prefetch(AUTOTUNE).with_options(_pipeline_options())
+    return ds.prefetch(AUTOTUNE).with_options(pipeline_options())
 
 
-def _pipeline_options() -> tf.data.Options:
+def pipeline_options() -> tf.data.Options:
     """tf.data options of every pipeline: autotuning off.
 
     Keras makes a new iterator over the data every epoch. Destroying the old one, every few epochs, blocked for up to

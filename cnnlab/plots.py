@@ -247,14 +247,20 @@ CLASSIC_FILTERS = {
 
 
 def _fit_kernel(kernel: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Zero-pads (centred) or centre-crops a 2-D kernel to `size`, to compare kernels of different sizes."""
-    out = np.zeros(size, np.float32)
-    kh, kw = kernel.shape
-    h, w = min(kh, size[0]), min(kw, size[1])
-    sy, sx = (kh - h) // 2, (kw - w) // 2
-    dy, dx = (size[0] - h) // 2, (size[1] - w) // 2
-    out[dy:dy + h, dx:dx + w] = kernel[sy:sy + h, sx:sx + w]
-    return out
+    """Brings a 2-D classic kernel to a learned kernel's `size`, one axis at a time: resampled (linear, end to end)
+    where the learned one is larger, so a 3x3 Sobel becomes the smooth 7x7 derivative a 7x7 layer can learn;
+    centre-cropped where it is smaller."""
+
+    def fit_axis(k: np.ndarray, n: int) -> np.ndarray:  # along axis 0
+        m = k.shape[0]
+        if n >= m:
+            at = np.linspace(0, m - 1, n)
+            return np.stack([np.interp(at, np.arange(m), k[:, j]) for j in range(k.shape[1])], axis=1)
+        start = (m - n) // 2
+        return k[start:start + n]
+
+    rows_fitted = fit_axis(np.asarray(kernel, np.float64), size[0])
+    return fit_axis(rows_fitted.T, size[1]).T.astype(np.float32)
 
 
 def most_similar_filters(kernel: np.ndarray) -> dict[str, tuple[int, float]]:

@@ -115,6 +115,19 @@ def test_kernel_structure_tells_colour_blobs_edges_and_noise_apart():
     assert plots.structure_summary(kernel).startswith("1 colour blobs, 3 oriented edges (ramps at 0, 0, 90 degrees)")
 
 
+def test_a_larger_learned_edge_matches_its_classic_filter_resampled_not_zero_padded():
+    # A 7x7 layer learns a smooth left-to-right ramp, not a 3x3 Sobel surrounded by zeros.
+    rng = np.random.default_rng(1)
+    kernel = rng.normal(0, 0.1, (7, 7, 3, 8)).astype(np.float32)
+    ramp = np.tile(np.linspace(-1, 1, 7), (7, 1))
+    kernel[..., 5] = ramp[..., None] + rng.normal(0, 0.05, (7, 7, 3))
+    best, cos = plots.most_similar_filters(kernel)["Sobel x"]
+    assert best == 5 and cos > 0.95
+    padded = np.pad(SOBEL_X, 2).reshape(-1)  # what a zero-padded Sobel would score against the same filter
+    learned = kernel[..., 5].mean(axis=2).reshape(-1)
+    assert padded @ learned / (np.linalg.norm(padded) * np.linalg.norm(learned)) < 0.7
+
+
 def test_cli_on_a_trained_run_writes_figures_and_says_where(tmp_path):
     proc = run_cli("train.py", "--config", "configs/smoke.yaml", "--set", f"run.dir={tmp_path}", "--set",
                    "run.name=r", "--set", "training.epochs=1", timeout=120)

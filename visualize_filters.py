@@ -75,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     for path in written:
         print(f"Wrote {path}")
     layer = plots.find_conv_layer(model, args.layer)
-    if plots.kernel_kind(layer) == "standard" and plots.layer_kernel(layer).shape[2] == 3:
-        print(f"{layer.name}: {plots.structure_summary(plots.layer_kernel(layer))}")
+    summary = plots.layer_structure_summary(layer)
+    if summary:
+        print(f"{layer.name}: {summary}")
     if image is None:
         print("No image given (--image), so no feature maps or classic-filter comparison.")
     return 0

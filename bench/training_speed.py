@@ -37,7 +37,22 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "data" / "cats_vs_dogs"
 
 
+PRECISIONS = ("float32", "mixed_bfloat16")
+
+
+def fit_rate(model: keras.Model, x: tf.Tensor, y: tf.Tensor, steps: int) -> float:
+    """Images/s of `steps` training steps on one in-memory batch, after a warm-up that compiles the step."""
+    # The project's tf.data options (autotuning off): with autotuning on, tearing down an iterator can stall for
+    # seconds, which lands inside the timed fit() and swamped the model's own time in earlier runs of this bench.
+    ds = tf.data.Dataset.from_tensors((x, y)).repeat(steps + 3).with_options(data.pipeline_options())
+    model.fit(ds.take(3), verbose=0)
+    start = time.perf_counter()
+    model.fit(ds.take(steps), verbose=0)
+    return steps * int(x.shape[0]) / (time.perf_counter() - start)
+
+
 def model_rate(cfg: dict, precision: str, steps: int, batch: int) -> float:
+    """Images/s of a config's whole model (augmentation included) under `precision`."""
     set_precision(precision)
     keras.utils.set_random_seed(0)
     model = build_model(cfg, 2)
@@ -45,13 +60,7 @@ def model_rate(cfg: dict, precision: str, steps: int, batch: int) -> float:
     h, w = cfg["data"]["image_size"]
     x = tf.constant(np.random.default_rng(0).uniform(0, 255, (batch, h, w, 3)).astype("float32"))
     y = tf.constant(np.random.default_rng(1).integers(0, 2, (batch, 1)).astype("float32"))
-    # The project's tf.data options (autotuning off): with autotuning on, tearing down an iterator can stall for
-    # seconds, which lands inside the timed fit() and swamped the model's own time in earlier runs of this bench.
-    ds = tf.data.Dataset.from_tensors((x, y)).repeat(steps + 3).with_options(data.pipeline_options())
-    model.fit(ds.take(3), verbose=0)  # compile and warm up
-    start = time.perf_counter()
-    model.fit(ds.take(steps), verbose=0)
-    rate = steps * batch / (time.perf_counter() - start)
+    rate = fit_rate(model, x, y, steps)
     set_precision("float32")
     return rate
 
@@ -64,19 +73,35 @@ def conv_rate(precision: str, size: int, batch: int, channels: int, steps: int) 
     model = keras.Model(inputs, keras.layers.Conv2D(channels, 3, padding="same")(inputs))
     model.compile(optimizer="sgd", loss="mse", jit_compile="auto")
     x = tf.constant(np.random.default_rng(0).normal(size=(batch, size, size, channels)).astype("float32"))
-    ds = tf.data.Dataset.from_tensors((x, x)).repeat(steps + 3).with_options(data.pipeline_options())
-    model.fit(ds.take(3), verbose=0)
-    start = time.perf_counter()
-    model.fit(ds.take(steps), verbose=0)
-    rate = steps * batch / (time.perf_counter() - start)
+    rate = fit_rate(model, x, x, steps)
     set_precision("float32")
     return rate
+
+
+def median_rates(measure, rounds: int) -> dict[str, float]:
+    """`measure(precision)` for both precisions, alternating them for `rounds` rounds; the median of each."""
+    rates: dict[str, list[float]] = {p: [] for p in PRECISIONS}
+    for _ in range(rounds):
+        for precision in PRECISIONS:
+            rates[precision].append(measure(precision))
+    return {p: statistics.median(r) for p, r in rates.items()}
+
+
+def print_row(label: str, rates: dict[str, float], width: int) -> None:
+    f32, bf16 = rates["float32"], rates["mixed_bfloat16"]
+    print(f"{label:<{width}} {f32:>10.1f} {bf16:>10.1f} {bf16 / f32:>9.2f}")
+
+
+def bench_config(name: str, args, sets: list[str] = ()) -> dict:
+    return config.resolve([str(REPO / "configs" / f"{name}.yaml")],
+                          [f"data.image_size=[{args.size},{args.size}]", "model.transfer.weights=null",
+                           f"data.batch_size={args.batch}", *sets])
 
 
 def why_bfloat16(args, name: str) -> None:
     """Where bfloat16 helps: the config's model with parts removed, and a convolution alone, in both precisions."""
     no_aug = ["augment.flip=none", "augment.rotation=0", "augment.zoom=0", "augment.contrast=0", "augment.crop=null"]
-    family = config.resolve([str(REPO / "configs" / f"{name}.yaml")], [])["model"]["name"]
+    family = bench_config(name, args)["model"]["name"]
     variants = {
         "whole model (augmentation layers included)": [],
         "without the augmentation layers": no_aug,
@@ -85,38 +110,23 @@ def why_bfloat16(args, name: str) -> None:
     print(f"\nWhere bfloat16 helps, {name} ({args.size}x{args.size}, batch {args.batch}, median of {args.rounds})")
     print(f"{'variant':<46} {'float32':>10} {'bfloat16':>10} {'bf16/f32':>9}")
     for label, sets in variants.items():
-        cfg = config.resolve([str(REPO / "configs" / f"{name}.yaml")],
-                             [f"data.image_size=[{args.size},{args.size}]", "model.transfer.weights=null",
-                              f"data.batch_size={args.batch}"] + sets)
-        rates = {p: statistics.median(model_rate(cfg, p, args.steps, args.batch) for _ in range(args.rounds))
-                 for p in ("float32", "mixed_bfloat16")}
-        print(f"{label:<46} {rates['float32']:>10.1f} {rates['mixed_bfloat16']:>10.1f} "
-              f"{rates['mixed_bfloat16'] / rates['float32']:>9.2f}")
+        cfg = bench_config(name, args, sets)
+        print_row(label, median_rates(lambda p: model_rate(cfg, p, args.steps, args.batch), args.rounds), 46)
     for channels, size in ((32, args.size), (128, args.size // 4)):
-        rates = {p: statistics.median(conv_rate(p, size, args.batch, channels, args.steps) for _ in range(args.rounds))
-                 for p in ("float32", "mixed_bfloat16")}
-        label = f"one 3x3 conv alone, {channels}->{channels} at {size}x{size}"
-        print(f"{label:<46} {rates['float32']:>10.1f} {rates['mixed_bfloat16']:>10.1f} "
-              f"{rates['mixed_bfloat16'] / rates['float32']:>9.2f}")
+        rates = median_rates(lambda p: conv_rate(p, size, args.batch, channels, args.steps), args.rounds)
+        print_row(f"one 3x3 conv alone, {channels}->{channels} at {size}x{size}", rates, 46)
 
 
 def families(args) -> None:
     rows = {}
     for name in args.configs:
-        cfg = config.resolve([str(REPO / "configs" / f"{name}.yaml")],
-                             [f"data.image_size=[{args.size},{args.size}]", "model.transfer.weights=null",
-                              f"data.batch_size={args.batch}"])
-        rates = {"float32": [], "mixed_bfloat16": []}
-        for _ in range(args.rounds):
-            for precision in rates:
-                rates[precision].append(model_rate(cfg, precision, args.steps, args.batch))
-        rows[name] = {p: statistics.median(r) for p, r in rates.items()}
+        cfg = bench_config(name, args)
+        rows[name] = median_rates(lambda p: model_rate(cfg, p, args.steps, args.batch), args.rounds)
     print(f"\nTraining images/s (model only, in-memory batches of {args.batch}, {args.size}x{args.size}, "
           f"median of {args.rounds})")
     print(f"{'config':<28} {'float32':>10} {'bfloat16':>10} {'bf16/f32':>9}")
-    for name, r in rows.items():
-        print(f"{name:<28} {r['float32']:>10.1f} {r['mixed_bfloat16']:>10.1f} "
-              f"{r['mixed_bfloat16'] / r['float32']:>9.2f}")
+    for name, rates in rows.items():
+        print_row(name, rates, 28)
 
 
 def tutorial_way(cfg: dict, epochs: int) -> float:

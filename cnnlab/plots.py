@@ -141,9 +141,8 @@ def plot_kernels(layer: layers.Layer, model_name: str, per_tile: bool = True, ma
     ax.set_axis_off()
     colour = "RGB" if kernel.shape[2] == 3 else f"mean over {kernel.shape[2]} input channels"
     title = _title(model_name, layer, f"{n} filters, {colour}, {'per-tile' if per_tile else 'global'} scale; gray = 0")
-    if kernel.shape[2] == 3:  # a first layer, looking at pixels: say what its filters have become
-        title += "\n" + structure_summary(kernel)
-    ax.set_title(title, fontsize=8)
+    summary = layer_structure_summary(layer)
+    ax.set_title(title + (f"\n{summary}" if summary else ""), fontsize=8)
     return fig
 
 
@@ -340,6 +339,14 @@ def structure_summary(kernel: np.ndarray) -> str:
     return (f"{count['colour blob']} colour blobs, {count['oriented edge']} oriented edges"
             + (f" (ramps at {', '.join(f'{a}' for a in angles)} degrees)" if angles else "")
             + f", {count['other']} other, of {len(found)} filters")
+
+
+def layer_structure_summary(layer: layers.Layer) -> str | None:
+    """`structure_summary` of a KxK conv layer that looks at RGB pixels (a first layer); None for other layers."""
+    kernel = layer_kernel(layer)
+    if kernel_kind(layer) != "standard" or kernel.shape[2] != 3:
+        return None
+    return structure_summary(kernel)
 
 
 def plot_classic_filters(image: np.ndarray, kernel: np.ndarray | None, title: str) -> plt.Figure:

@@ -74,7 +74,7 @@ _TINY_JPEG = (b"\xff\xd8" b"\xff\xc0\x00\x11\x08\x00\x01\x00\x01\x03\x01\x11\x00
               b"\xff\xda\x00\x0c\x03\x01\x00\x02\x00\x03\x00\x00\x3f\x00" b"\xff\xd9")
 
 
-def _decode(contents: tf.Tensor, image_size: tuple[int, int]) -> tf.Tensor:
+def decode_scaled(contents: tf.Tensor, image_size: tuple[int, int]) -> tf.Tensor:
     """Decodes JPEG, PNG, BMP or GIF bytes to uint8 RGB. A JPEG is decoded at 1/1, 1/2, 1/4 or 1/8 scale (libjpeg's
     DCT scaling), the smallest that still covers `image_size`: far cheaper than a full decode, and an averaging rather
     than a skipping of pixels."""
@@ -96,7 +96,7 @@ def decode_and_resize(contents: tf.Tensor, image_size: tuple[int, int]) -> tf.Te
 
     Training, evaluation and prediction all read images through this function, so they see identical pixels.
     """
-    return decode_and_resize_tensor(_decode(contents, image_size), image_size)
+    return decode_and_resize_tensor(decode_scaled(contents, image_size), image_size)
 
 
 def mix_batches(ds: tf.data.Dataset, mixup: float, cutmix: float, seed: int) -> tf.data.Dataset:

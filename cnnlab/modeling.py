@@ -31,6 +31,23 @@ def augmentation_layers(augment_cfg: dict, seed: int) -> list[layers.Layer]:
         # RandomContrast needs to know pixels are in [0, 255] to clip correctly.
         out.append(layers.RandomContrast(augment_cfg["contrast"], value_range=(0, 255), seed=seed,
                                          name="aug_contrast"))
+    # Colour jitter. Each key is "at most this much change"; Keras's layers each scale their factor differently.
+    if augment_cfg["brightness"]:
+        out.append(layers.RandomBrightness(augment_cfg["brightness"], value_range=(0, 255), seed=seed,
+                                           name="aug_brightness"))
+    if augment_cfg["saturation"]:
+        # RandomSaturation multiplies saturation by f / (1 - f) for f drawn in its factor range.
+        s = augment_cfg["saturation"]
+        out.append(layers.RandomSaturation(((1 - s) / (2 - s), (1 + s) / (2 + s)), value_range=(0, 255),
+                                           seed=seed, name="aug_saturation"))
+    if augment_cfg["hue"]:
+        # RandomHue shifts hue by up to half its factor of the colour wheel, either way.
+        out.append(layers.RandomHue(2 * augment_cfg["hue"], value_range=(0, 255), seed=seed, name="aug_hue"))
+    if augment_cfg["erasing"]:
+        # A single-number factor would be an upper bound on a probability drawn per image; a pair pins it.
+        p = augment_cfg["erasing"]
+        out.append(layers.RandomErasing((p, p), scale=tuple(augment_cfg["erasing_scale"]),
+                                        value_range=(0, 255), seed=seed, name="aug_erasing"))
     return out
 
 

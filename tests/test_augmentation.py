@@ -9,7 +9,8 @@ import tensorflow as tf
 
 from cnnlab import config
 from cnnlab.data import build_datasets, mix_batches
-from cnnlab.modeling import build_model
+from cnnlab.errors import UserError
+from cnnlab.modeling import augmentation_layers, build_model
 from cnnlab.training import AveragedWeights, train
 from models.augmentation import RandomResizedCrop
 from tests.conftest import REPO
@@ -142,3 +143,55 @@ def test_an_ema_run_validates_and_saves_the_averaged_weights_and_resumes(tmp_pat
 
     resumed = train(config.resolve([SMOKE], overrides + ["training.epochs=3"]), [SMOKE], resume=str(run_dir))
     assert [int(r["epoch"]) for r in csv.DictReader(open(resumed / "history.csv"))] == [1, 2, 3]
+
+
+def jitter_layer(**keys):
+    """The single augmentation layer that the smoke config plus `keys` asks for."""
+    cfg = config.resolve([SMOKE], [f"augment.{k}={v}" for k, v in keys.items()] + ["augment.flip=none"])
+    (layer,) = augmentation_layers(cfg["augment"], seed=0)
+    return layer
+
+
+def flat_colour_images(n=256):
+    """n 8x8 images, each one random saturated colour (HSV saturation 0.4-0.8, value 0.5-0.9)."""
+    rng = np.random.default_rng(0)
+    hsv = np.stack([rng.uniform(0, 1, n), rng.uniform(0.4, 0.8, n), rng.uniform(0.5, 0.9, n)], -1)
+    rgb = tf.image.hsv_to_rgb(hsv.astype("float32")).numpy() * 255
+    return np.broadcast_to(rgb[:, None, None], (n, 8, 8, 3)).copy()
+
+
+def hsv_of(images):
+    return tf.image.rgb_to_hsv(np.asarray(images, "float32")[:, 0, 0] / 255).numpy()
+
+
+def test_colour_jitter_changes_each_image_by_at_most_the_configured_amount():
+    x = flat_colour_images()
+    before = hsv_of(x)
+
+    out = keras.ops.convert_to_numpy(jitter_layer(brightness=0.1)(x, training=True))
+    shift = (out - x).mean(axis=(1, 2, 3))
+    assert np.abs(shift).max() <= 0.1 * 255 + 1e-3 and shift.std() > 5  # up to 25.5 levels, per image
+
+    after = hsv_of(jitter_layer(saturation=0.3)(x, training=True))
+    ratio = after[:, 1] / before[:, 1]
+    assert ratio.min() >= 0.7 - 1e-3 and ratio.max() <= 1.3 + 1e-3 and ratio.max() - ratio.min() > 0.4
+    np.testing.assert_allclose(after[:, 0], before[:, 0], atol=2e-3)  # hue kept
+
+    after = hsv_of(jitter_layer(hue=0.05)(x, training=True))
+    turn = (after[:, 0] - before[:, 0] + 0.5) % 1.0 - 0.5  # signed shift around the colour wheel
+    assert np.abs(turn).max() <= 0.05 + 2e-3 and (turn > 0.02).any() and (turn < -0.02).any()
+    np.testing.assert_allclose(after[:, 1], before[:, 1], atol=5e-3)  # saturation kept
+
+    for keys in ({"brightness": 0.1}, {"saturation": 0.3}, {"hue": 0.05}):
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(jitter_layer(**keys)(x, training=False)), x)
+
+
+def test_random_erasing_covers_the_configured_fraction_of_the_image():
+    x = np.full((64, 40, 40, 3), 128.0, "float32")
+    out = keras.ops.convert_to_numpy(jitter_layer(erasing=1.0, erasing_scale="[0.1,0.2]")(x, training=True))
+    erased = (np.abs(out - x).max(axis=-1) > 0).mean(axis=(1, 2))
+    assert erased.min() >= 0.05 and erased.max() <= 0.25 and erased.std() > 0  # every image, a box of it
+    half = keras.ops.convert_to_numpy(jitter_layer(erasing=0.5)(x, training=True))
+    assert 0.3 <= (np.abs(half - x).max(axis=(1, 2, 3)) > 0).mean() <= 0.7  # erasing is the probability
+    with pytest.raises(UserError, match=r"augment\.hue must be a number in \[0, 0\.5\]\. Received: 0\.7"):
+        config.resolve([SMOKE], ["augment.hue=0.7"])

@@ -65,7 +65,8 @@ def split_folder(data: Path, work: Path) -> Path:
 
 def first_time(history: list[dict], threshold: float) -> float | None:
     """Minutes of training until val accuracy first reached `threshold`, or None."""
-    return next((h["elapsed"] / 60 for h in history if h["val_accuracy"] >= threshold), None)
+    # Keras logs accuracy as float32: 450/500 arrives as 0.89999998, which must count as 90%.
+    return next((h["elapsed"] / 60 for h in history if h["val_accuracy"] >= threshold - 1e-6), None)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -97,7 +97,7 @@ def run_config(config_file: str, seed: int, data_root: Path, work: Path, budget_
         # The best checkpoint is scored only when it was chosen within the budget (the run may go on past it).
         if best["val_accuracy"] >= max(float(r["val_accuracy"]) for r in rows):
             held_out = evaluate_held_out(run_dir)
-    return {"history": history, "held_out": held_out}
+    return {"seed": seed, "history": history, "held_out": held_out}
 
 
 def evaluate_held_out(run_dir: Path) -> float:
@@ -187,6 +187,7 @@ def run_baseline(data_root: Path, seed: int, work: Path, budget_s: float, run_on
                     "--budget", str(budget_s / 60), "--baseline-run-on", str(run_on_s / 60), "--work", str(out)],
                    check=True, timeout=max(budget_s, run_on_s) + 300)
     result = json.loads(out.read_text())
+    result["seed"] = seed
     result["run_on"] = result["history"]
     result["history"] = [h for h in result["history"] if h["elapsed"] <= budget_s]
     return result
@@ -294,9 +295,8 @@ def main() -> None:
                                      "summary": summarise(runs, num_train)}
 
     for name, r in rows.items():
-        for i, run in enumerate(r["runs"]):
-            seed = i if name == "tutorial baseline" else args.first_seed + i
-            print(f"\n{name}, seed {seed}: " + ", ".join(
+        for run in r["runs"]:
+            print(f"\n{name}, seed {run['seed']}: " + ", ".join(
                 f"{h['elapsed']:.0f}s {h['val_accuracy']:.3f}" for h in run["history"]))
     print(f"\nMachine: {os.cpu_count()} CPU cores; {time.strftime('%Y-%m-%d')}; runs in {work}")
     print_table(rows, args.budget)

@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from cnnlab import config, data  # noqa: E402
-from cnnlab.modeling import build_model  # noqa: E402
+from cnnlab.modeling import build_model, family_network  # noqa: E402
 from cnnlab.runtime import set_precision  # noqa: E402
 from cnnlab.training import compile_model, train  # noqa: E402
 
@@ -51,13 +51,15 @@ def fit_rate(model: keras.Model, x: tf.Tensor, y: tf.Tensor, steps: int) -> floa
     return steps * int(x.shape[0]) / (time.perf_counter() - start)
 
 
-def model_rate(cfg: dict, precision: str, steps: int, batch: int) -> float:
-    """Images/s of a config's whole model (augmentation included) under `precision`."""
+def model_rate(cfg: dict, precision: str, steps: int, batch: int, augmentation: bool = True) -> float:
+    """Images/s of a config's whole model under `precision`, or of its family network alone (no augmentation)."""
     set_precision(precision)
     keras.utils.set_random_seed(0)
     model = build_model(cfg, 2)
+    if not augmentation:
+        model = family_network(model)
     compile_model(model, cfg["training"], 2, steps_per_epoch=steps, jit_compile=cfg["runtime"]["jit_compile"])
-    h, w = cfg["data"]["image_size"]
+    h, w = model.input_shape[1:3]
     x = tf.constant(np.random.default_rng(0).uniform(0, 255, (batch, h, w, 3)).astype("float32"))
     y = tf.constant(np.random.default_rng(1).integers(0, 2, (batch, 1)).astype("float32"))
     rate = fit_rate(model, x, y, steps)
@@ -100,18 +102,18 @@ def bench_config(name: str, args, sets: list[str] = ()) -> dict:
 
 def why_bfloat16(args, name: str) -> None:
     """Where bfloat16 helps: the config's model with parts removed, and a convolution alone, in both precisions."""
-    no_aug = ["augment.flip=none", "augment.rotation=0", "augment.zoom=0", "augment.contrast=0", "augment.crop=null"]
     family = bench_config(name, args)["model"]["name"]
-    variants = {
-        "whole model (augmentation layers included)": [],
-        "without the augmentation layers": no_aug,
-        "... and without batch norm": no_aug + [f"model.{family}.batch_norm=false"],
+    variants = {  # label: (config overrides, augmentation layers kept)
+        "whole model (augmentation layers included)": ([], True),
+        "without the augmentation layers": ([], False),
+        "... and without batch norm": ([f"model.{family}.batch_norm=false"], False),
     }
     print(f"\nWhere bfloat16 helps, {name} ({args.size}x{args.size}, batch {args.batch}, median of {args.rounds})")
     print(f"{'variant':<46} {'float32':>10} {'bfloat16':>10} {'bf16/f32':>9}")
-    for label, sets in variants.items():
+    for label, (sets, augmentation) in variants.items():
         cfg = bench_config(name, args, sets)
-        print_row(label, median_rates(lambda p: model_rate(cfg, p, args.steps, args.batch), args.rounds), 46)
+        rates = median_rates(lambda p: model_rate(cfg, p, args.steps, args.batch, augmentation), args.rounds)
+        print_row(label, rates, 46)
     for channels, size in ((32, args.size), (128, args.size // 4)):
         rates = median_rates(lambda p: conv_rate(p, size, args.batch, channels, args.steps), args.rounds)
         print_row(f"one 3x3 conv alone, {channels}->{channels} at {size}x{size}", rates, 46)
@@ -129,7 +131,7 @@ def families(args) -> None:
         print_row(name, rates, 28)
 
 
-def tutorial_way(cfg: dict, epochs: int) -> float:
+def tutorial_way(cfg: dict, epochs: int) -> tuple[float, float]:
     """image_dataset_from_directory + model.fit, as the TF tutorial writes it (the same model, float32)."""
     set_precision("float32")
     keras.utils.set_random_seed(0)
@@ -154,7 +156,7 @@ def tutorial_way(cfg: dict, epochs: int) -> float:
     return 2000 * epochs / (time.perf_counter() - start), 2000 / seconds[-1]
 
 
-def project_way(cfg: dict, epochs: int) -> float:
+def project_way(cfg: dict, epochs: int) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as runs:
         cfg = config.resolve([], [f"run.dir={runs}", f"training.epochs={epochs}"], base=cfg)
         start = time.perf_counter()

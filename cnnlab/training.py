@@ -218,17 +218,23 @@ def unfreeze_for_fine_tuning(model: keras.Model, which: int | str) -> list[str]:
         raise UserError(f"training.fine_tune.unfreeze: {e}") from None
 
 
+def _in_optimizer(variable) -> str:
+    return variable.path.split("/", 1)[-1]
+
+
 def carry_optimizer_state(previous: keras.optimizers.Optimizer, model: keras.Model) -> None:
     """Copies a loaded optimizer's variables (step count, moments) into the model's new optimizer, except the
     learning rate, which comes from the config. A different optimizer type starts with fresh moments."""
     new = model.optimizer
     new.build(model.trainable_variables)
-    old = {v.path: v for v in previous.variables}
+    # Paths start with the optimizer's name, which Keras makes unique per process ("adam_w", "adam_w_1"): match on
+    # the rest ("iteration", "<weight>_momentum").
+    old = {_in_optimizer(v): v for v in previous.variables}
     if type(previous) is not type(new):
         print(f"Note: the optimizer changed from {type(previous).__name__} to {type(new).__name__}; "
               "its moments start afresh.")
     for var in new.variables:
-        source = old.get(var.path)
+        source = old.get(_in_optimizer(var))
         if var.name == "learning_rate" or source is None or tuple(source.shape) != tuple(var.shape):
             continue
         var.assign(source)

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import os
 import signal
 import socket
@@ -195,6 +196,10 @@ def test_a_run_killed_after_epoch_2_of_4_resumes_and_ends_at_epoch_4(tmp_path):
     assert [int(r["epoch"]) for r in history] == [1, 2, 3, 4]
     elapsed = [float(r["elapsed_seconds"]) for r in history]
     assert elapsed == sorted(elapsed)
+    # The resumed optimizer carries the step count on, so the cosine schedule does not start again.
+    for r in history:
+        expected = 0.01 * 0.5 * (1 + math.cos(math.pi * int(r["epoch"]) / 4))
+        assert float(r["learning_rate"]) == pytest.approx(expected, abs=1e-6), history
     model = keras.models.load_model(tmp_path / "killed" / "checkpoints" / "best.keras")
     assert np.all(np.isfinite(model.predict(np.zeros((2, 40, 40, 3), np.float32), verbose=0)))
     # a finished run resumed again has nothing left to do

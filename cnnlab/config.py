@@ -271,6 +271,11 @@ RULES: dict[str, Callable] = {
     "training.momentum": _num_in(0, 1),
     "training.label_smoothing": _num_in(0, 1),
     "training.ema": _num_in(0, 1),
+    "training.progressive.sizes": lambda v: None if isinstance(v, list) and all(
+        _size(nullable=False)(item) is None for item in v) else "a list of sizes (each a number or [height, width])",
+    "training.progressive.epochs": lambda v: None if (_is_int(v) and v >= 0) or (
+        isinstance(v, list) and v and all(_is_int(e) and e >= 1 for e in v)) else (
+        "a number of epochs >= 0, or a list of them (one per size, each >= 1)"),
     "training.fine_tune.epochs": _int_at_least(0),
     "training.fine_tune.learning_rate": _positive_number,
     "training.fine_tune.unfreeze": lambda v: None if (_is_int(v) and v >= 0) or (isinstance(v, str) and v) else (
@@ -360,6 +365,23 @@ def _check_cross_keys(cfg: dict, origins: dict) -> None:
         fail("training.fine_tune.epochs", "training.fine_tune.epochs needs model.name: transfer (a pretrained "
              f"backbone to unfreeze). Received: {cfg['training']['fine_tune']['epochs']} with "
              f"model.name {model['name']!r}")
+    progressive = cfg["training"]["progressive"]
+    if progressive["sizes"]:
+        sizes, epochs = progressive["sizes"], progressive["epochs"]
+        per_stage = epochs if isinstance(epochs, list) else [epochs] * len(sizes)
+        if len(per_stage) != len(sizes) or not all(per_stage):
+            fail("training.progressive.epochs", "training.progressive.epochs must be >= 1, one number for every "
+                 f"stage or a list with one per size ({len(sizes)}). Received: {epochs!r}")
+        if sum(per_stage) >= cfg["training"]["epochs"]:
+            fail("training.progressive.epochs", "training.progressive.epochs must leave epochs at the config's own "
+                 f"size: their sum must be < training.epochs ({cfg['training']['epochs']}). Received: {epochs!r}")
+        crop = cfg["augment"]["crop"]
+        fh, fw = as_size(crop if crop is not None else data["image_size"])
+        for size in sizes:
+            h, w = as_size(size)
+            if h > fh or w > fw:
+                fail("training.progressive.sizes", "training.progressive.sizes must each fit inside the config's "
+                     f"own network input size {[fh, fw]} (augment.crop, else data.image_size). Received: {size!r}")
     crop = cfg["augment"]["crop"]
     if crop is not None:
         h, w = as_size(crop)

@@ -57,25 +57,43 @@ def model_input_size(cfg: dict) -> tuple[int, int]:
     return as_size(crop) if crop is not None else as_size(cfg["data"]["image_size"])
 
 
-def build_model(cfg: dict, num_classes: int) -> keras.Model:
+def stage_image_size(cfg: dict, size) -> tuple[int, int]:
+    """What images are resized to for a progressive-resizing stage whose network input is `size`.
+
+    The resize keeps the field of view: a `size` crop of the resized image shows what an `augment.crop` crop of
+    the full image shows (without cropping, the image is resized to `size` itself).
+    """
+    (h, w), (fh, fw) = as_size(size), model_input_size(cfg)
+    ih, iw = as_size(cfg["data"]["image_size"])
+    return round(ih * h / fh), round(iw * w / fw)
+
+
+def build_model(cfg: dict, num_classes: int, size=None, seed: int | None = None) -> keras.Model:
     """The whole model of a config: `image -> augmentation -> family network -> probabilities`.
 
     Args:
         cfg: a resolved config.
         num_classes: the number of classes the data reports.
+        size: the network input size of a progressive-resizing stage (`training.progressive`): the model then
+            resizes each image first (see `stage_image_size`) and crops `size`. None: the config's own size.
+        seed: seed of the augmentation layers; None: `run.seed`.
 
     Returns:
         An uncompiled `keras.Model`. Without augmentation it is the family network itself.
     """
     model_cfg = cfg["model"]
     name = model_cfg["name"]
-    h, w = model_input_size(cfg)
+    h, w = model_input_size(cfg) if size is None else as_size(size)
     try:
         net = create_model(name, input_shape=(h, w, 3), num_classes=num_classes,
                            head_dropout=model_cfg["head_dropout"], **model_cfg[name])
     except ValueError as e:  # builders validate their arguments; report it against the config section
         raise UserError(f"model.{name}: {e}") from None
-    augment = augmentation_layers(cfg["augment"], cfg["run"]["seed"])
+    augment_cfg = cfg["augment"] if size is None or cfg["augment"]["crop"] is None else {
+        **cfg["augment"], "crop": [h, w]}
+    augment = augmentation_layers(augment_cfg, cfg["run"]["seed"] if seed is None else seed)
+    if size is not None and (h, w) != model_input_size(cfg):
+        augment.insert(0, layers.Resizing(*stage_image_size(cfg, (h, w)), name="stage_resize"))
     if not augment:
         return net
     inputs = keras.Input(shape=(*as_size(cfg["data"]["image_size"]), 3), name="image")
@@ -89,3 +107,19 @@ def family_network(model: keras.Model) -> keras.Model:
     """The family network inside a model built by `build_model` (the model itself when it has no augmentation)."""
     nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
     return nested[-1] if nested else model
+
+
+def network_input_size(model: keras.Model) -> tuple[int, int]:
+    """The (height, width) the family network inside `model` takes."""
+    return tuple(family_network(model).input_shape[1:3])
+
+
+def resize_model(model: keras.Model, cfg: dict, num_classes: int, size=None, seed: int | None = None) -> keras.Model:
+    """The model of `cfg` at another network input size (see `build_model`), with `model`'s weights.
+
+    Convolutions and the pooled head have weights whose shapes do not depend on the image size, so the family
+    network's weights (batch-norm statistics included) carry over as they are.
+    """
+    resized = build_model(cfg, num_classes, size=size, seed=seed)
+    family_network(resized).set_weights(family_network(model).get_weights())
+    return resized

@@ -37,7 +37,9 @@ import keras
 from cnnlab import config as config_lib
 from cnnlab.data import Datasets, build_datasets
 from cnnlab.errors import TrainingError, UserError
-from cnnlab.modeling import build_model
+from cnnlab.config import as_size
+from cnnlab.modeling import (build_model, model_input_size, network_input_size, resize_model,
+                              stage_image_size)
 from cnnlab.report import format_report, model_report
 from cnnlab.runtime import enable_memory_growth, make_strategy, resolve_jit, set_precision, set_seed
 
@@ -193,19 +195,34 @@ def compile_model(model: keras.Model, training_cfg: dict, num_classes: int, step
                   jit_compile=jit_compile)
 
 
+def progressive_stages(training_cfg: dict) -> list[tuple[list, int]]:
+    """The early stages of `training.progressive` as (size, epochs) pairs; [] when it is off."""
+    sizes = training_cfg["progressive"]["sizes"]
+    epochs = training_cfg["progressive"]["epochs"]
+    per_stage = epochs if isinstance(epochs, list) else [epochs] * len(sizes)
+    return list(zip(sizes, per_stage))
+
+
 def training_phases(cfg: dict) -> list[dict]:
     """The phases of a run: `train` for training.epochs, then `fine_tune` when training.fine_tune.epochs > 0.
 
-    Each phase has its own `training` section (epochs counted within the phase, learning rate) and the epoch at which
-    it ends, counting from the start of the run.
+    Each phase has its own `training` section (epochs counted within the phase, learning rate), the epoch at which
+    it ends, counting from the start of the run, and the network input `size` it trains at (None: the config's
+    own). Progressive resizing (`training.progressive`) splits `train` into stages at growing sizes; they share
+    one optimizer and one learning-rate schedule, as a single phase does.
     """
     training_cfg = cfg["training"]
-    phases = [{"name": "train", "training": training_cfg, "end": training_cfg["epochs"]}]
+    phases, start = [], 0
+    for size, epochs in progressive_stages(training_cfg):
+        start += epochs
+        phases.append({"name": "train", "training": training_cfg, "end": start, "size": size})
+    phases.append({"name": "train", "training": training_cfg, "end": training_cfg["epochs"], "size": None})
     fine_tune = training_cfg["fine_tune"]
     if fine_tune["epochs"]:
         tuned = {**training_cfg, "epochs": fine_tune["epochs"], "learning_rate": fine_tune["learning_rate"],
                  "warmup_epochs": 0}
-        phases.append({"name": "fine_tune", "training": tuned, "end": training_cfg["epochs"] + fine_tune["epochs"]})
+        phases.append({"name": "fine_tune", "training": tuned, "end": training_cfg["epochs"] + fine_tune["epochs"],
+                       "size": None})
     return phases
 
 
@@ -505,17 +522,28 @@ def _train_in(cfg: dict, data: Datasets, run_dir: Path, out_dir: Path, state: di
     ]
     if cfg["runtime"]["log_kernel_images"]:
         callbacks.insert(1, KernelImages(out_dir / "logs" / "kernels"))
-    for phase in phases:
+    progressive = any(phase["size"] is not None for phase in phases)
+    for index, phase in enumerate(phases):
         if state["epoch"] >= phase["end"]:
             continue
         entering = state.get("phase") != phase["name"]
+        previous = None if entering else model.optimizer
+        size = as_size(phase["size"]) if phase["size"] is not None else model_input_size(cfg)
+        if network_input_size(model) != size:
+            # A progressive-resizing stage: the same weights in the model built for this size. Its augmentation
+            # gets a seed of its own, so that stages do not replay the first stage's random crops.
+            model = resize_model(model, cfg, data.num_classes, size=phase["size"], seed=cfg["run"]["seed"] + index)
+        if progressive and phase["name"] == "train":
+            resized = "x".join(map(str, stage_image_size(cfg, size)))
+            print(f"Epochs {state['epoch'] + 1}-{phase['end']}: network input {size[0]}x{size[1]}"
+                  + (f" (images resized to {resized} first)." if phase["size"] is not None else "."), flush=True)
         if entering and phase["name"] == "fine_tune":
             unfrozen = unfreeze_for_fine_tuning(model, cfg["training"]["fine_tune"]["unfreeze"])
             print(f"Fine-tuning {len(unfrozen)} backbone layers from {unfrozen[0] if unfrozen else '-'} "
                   f"at learning rate {phase['training']['learning_rate']:g}.")
-        # Entering a phase starts a fresh optimizer. Resuming inside one rebuilds it from the current config (which
-        # may add epochs or change the learning rate) and carries the checkpoint's step count and moments over.
-        previous = None if entering else model.optimizer
+        # Entering a phase starts a fresh optimizer. Resuming inside one, or moving to the next progressive-resizing
+        # stage, rebuilds it from the current config (which may add epochs or change the learning rate) and carries
+        # the step count and moments over, so the learning-rate schedule runs on.
         compile_model(model, phase["training"], data.num_classes, data.steps_per_epoch,
                       jit_compile=resolve_jit(cfg["runtime"]["jit_compile"]))
         if previous is not None:

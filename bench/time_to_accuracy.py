@@ -10,6 +10,10 @@ class-balanced halves: the *picking* half is the run's validation set (it choose
 per-epoch curve), the *held-out* half is never seen until the best checkpoint is scored on it at the end. The two
 halves are folders of symbolic links under --work, so nothing is copied.
 
+With --work, results accumulate in its results.json: a later invocation in the same folder (same --budget) adds its
+runs to the earlier ones, so `--first-seed 3 --seeds 2` adds seeds 3 and 4 to a table and keeps the baseline run
+that the speed-ups are measured against.
+
 Each config runs through `train.py` (a fresh process per seed, as a user runs it). The baseline is the
 "Deep Learning with Python" (ch. 8) convnet trained the way the TensorFlow tutorial does it: 180x180 images from
 `image_dataset_from_directory`, RandomFlip / RandomRotation(0.1) / RandomZoom(0.2), Rescaling, Conv2D 32-64-128-256-256
@@ -281,18 +285,30 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="time_to_accuracy-"))
     data_root = split_folder(args.data, work)
     num_train = sum(1 for p in (data_root / "train").rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-    rows: dict[str, dict] = {}
+    # Results accumulate in the work folder: an earlier invocation's runs of other seeds (and its baseline) stay in
+    # the table, so seeds can be added later (--first-seed) and compared against the same baseline run.
+    results = work / "results.json"
+    rows: dict[str, dict] = json.loads(results.read_text()) if results.exists() else {}
+
+    def add(name: str, runs: list[dict], macs: int, params: int) -> None:
+        kept = [r for r in rows.get(name, {}).get("runs", []) if r["seed"] not in {run["seed"] for run in runs}]
+        runs = sorted(kept + runs, key=lambda r: r["seed"])
+        rows[name] = {"runs": runs, "macs": macs, "params": params, "summary": summarise(runs, num_train)}
+
     for config_file in args.configs:
         seeds = range(args.first_seed, args.first_seed + args.seeds)
         runs = [run_config(config_file, seed, data_root, work, budget_s) for seed in seeds]
-        macs, params = config_cost(config_file, data_root)
-        rows[Path(config_file).stem] = {"runs": runs, "macs": macs, "params": params,
-                                        "summary": summarise(runs, num_train)}
+        add(Path(config_file).stem, runs, *config_cost(config_file, data_root))
+        results.write_text(json.dumps(rows, indent=1, default=str))
     if not args.no_baseline:
         runs = [run_baseline(data_root, seed, work, budget_s, args.baseline_run_on * 60)
                 for seed in range(args.baseline_seeds)]
-        rows["tutorial baseline"] = {"runs": runs, "macs": runs[0]["macs"], "params": runs[0]["params"],
-                                     "summary": summarise(runs, num_train)}
+        add("tutorial baseline", runs, runs[0]["macs"], runs[0]["params"])
+        results.write_text(json.dumps(rows, indent=1, default=str))
+    if "tutorial baseline" in rows:  # the baseline row last, wherever it came from
+        rows["tutorial baseline"] = rows.pop("tutorial baseline")
+    for row in rows.values():
+        row["summary"] = summarise(row["runs"], num_train)
 
     for name, r in rows.items():
         for run in r["runs"]:
@@ -304,7 +320,6 @@ def main() -> None:
         for name in rows:
             if name != "tutorial baseline":
                 speedup_to(rows, 0.75, name, "tutorial baseline", args.budget)
-    (work / "results.json").write_text(json.dumps(rows, indent=1, default=str))
 
 
 if __name__ == "__main__":

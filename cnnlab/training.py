@@ -279,10 +279,13 @@ class RunCheckpoint(keras.callbacks.Callback):
         self.extra_metrics = extra_metrics
         self._epoch_start = 0.0
         self._elapsed_before = state["history"][-1]["elapsed_seconds"] if state["history"] else 0.0
-        self._train_start = 0.0
+        self._train_start: float | None = None
 
     def on_train_begin(self, logs=None):
-        self._train_start = time.perf_counter()
+        # Once per process: phases and progressive-resizing stages each call fit() again, and their elapsed time
+        # (with the rebuilds between them) runs on from the first.
+        if self._train_start is None:
+            self._train_start = time.perf_counter()
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_start = time.perf_counter()

@@ -90,6 +90,9 @@ def test_a_progressive_run_keeps_one_schedule_across_stages_ends_at_full_size_an
     # One cosine over all 3 epochs: a stage that restarted the optimizer would restart the schedule too.
     for r in rows:
         assert float(r["learning_rate"]) == pytest.approx(cosine(0.01, int(r["epoch"]), 3), abs=1e-6)
+    # Elapsed time runs on across the stages' fit() calls: it is at least the sum of the epochs so far.
+    seconds = np.cumsum([float(r["epoch_seconds"]) for r in rows])
+    assert all(float(r["elapsed_seconds"]) >= s - 1e-3 for r, s in zip(rows, seconds)), rows
     last = keras.models.load_model(run_dir / "checkpoints" / "last.keras")
     assert network_input_size(last) == (32, 32)
     assert last.optimizer.iterations.numpy() == 3 * 4  # 128 images, batch 32

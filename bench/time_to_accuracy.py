@@ -227,21 +227,25 @@ def fmt_stat(s, percent=False, digits=1) -> str:
 
 
 def print_table(rows: dict[str, dict], budget_min: float) -> None:
+    cells = {}
+    for name, r in rows.items():
+        cells[name] = []
+        for t in THRESHOLDS:
+            stat, missed = r["summary"][t]
+            cell = fmt_stat(stat, digits=2) if stat else f"> {budget_min:g}"
+            cells[name].append(cell + (f" ({missed} miss)" if stat and missed else ""))
+    # A column widens for "mean ± std (n miss)" rather than push the cells after it out of line.
+    widths = [max([13] + [len(c[i]) for c in cells.values()]) for i in range(len(THRESHOLDS))]
     head = (f"{'model':<22} {'MACs':>7} {'params':>7} {'img/s':>9} {'best val %':>12} {'held-out %':>12}"
-            + "".join(f" {'min to ' + str(int(t * 100)) + '%':>13}" for t in THRESHOLDS))
+            + "".join(f" {'min to ' + str(int(t * 100)) + '%':>{w}}" for t, w in zip(THRESHOLDS, widths)))
     print(f"\nTime to accuracy within {budget_min:g} min of training (val = picking half; mean ± std over seeds)")
     print(head)
     print("-" * len(head))
     for name, r in rows.items():
         s = r["summary"]
-        cells = []
-        for t in THRESHOLDS:
-            stat, missed = s[t]
-            cell = fmt_stat(stat, digits=2) if stat else f"> {budget_min:g}"
-            cells.append(cell + (f" ({missed} miss)" if stat and missed else ""))
         print(f"{name:<22} {r['macs'] / 1e6:>6.0f}M {r['params'] / 1e3:>6.0f}k {fmt_stat(s['rate'], digits=0):>9} "
               f"{fmt_stat(s['best'], True):>12} {fmt_stat(s['held_out'], True):>12}"
-              + "".join(f" {c:>13}" for c in cells))
+              + "".join(f" {c:>{w}}" for c, w in zip(cells[name], widths)))
 
 
 def speedup_to(rows: dict[str, dict], threshold: float, name: str, baseline: str, budget_min: float) -> None:

@@ -555,6 +555,8 @@ def _train_in(cfg: dict, data: Datasets, run_dir: Path, out_dir: Path, state: di
         phase_callbacks = callbacks
         if phase["training"]["ema"]:
             # First in the list, so that the checkpoints and kernel images of each epoch get the averaged weights.
+            # Keras puts the averaged weights into the model for good when a fit() ends, so a progressive-resizing
+            # stage trains on from the previous stage's averaged weights.
             phase_callbacks = [AveragedWeights(resumed=not entering), *callbacks]
         with warnings.catch_warnings(), stop_on_first_interrupt(checkpoint):
             # Folder pipelines skip undecodable files, so their length is unknown until the first epoch ends; Keras

@@ -130,3 +130,22 @@ def test_bad_progressive_settings_are_refused_with_the_key_and_value(sets, fragm
     assert "\n" not in message
     for fragment in fragments:
         assert fragment in message, message
+
+
+def test_a_progressive_run_with_weight_averaging_validates_and_saves_the_averaged_weights(tmp_path):
+    from cnnlab.data import build_datasets
+
+    sets = [f"run.dir={tmp_path}", "run.name=ema", "data.synthetic_size=128", "training.ema=0.9",
+            "training.progressive.sizes=[16]", "training.progressive.epochs=1", "training.epochs=2",
+            "runtime.log_histograms=false"]
+    cfg = resolve(*sets)
+    run_dir = train(cfg, [SMOKE])
+    rows = history(run_dir)
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    # The last checkpoint holds the weights that were validated in the last epoch: the averaged ones.
+    last = keras.models.load_model(run_dir / "checkpoints" / "last.keras")
+    assert network_input_size(last) == (32, 32)
+    data = build_datasets(cfg["data"], seed=cfg["run"]["seed"])
+    last.compile(loss="binary_crossentropy", metrics=[keras.metrics.BinaryAccuracy(name="accuracy")])
+    acc = last.evaluate(data.val, verbose=0, return_dict=True)["accuracy"]
+    assert acc == pytest.approx(float(rows[-1]["val_accuracy"]), abs=1e-6)

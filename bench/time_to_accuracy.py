@@ -296,8 +296,7 @@ def main() -> None:
 
     def add(name: str, runs: list[dict], macs: int, params: int) -> None:
         kept = [r for r in rows.get(name, {}).get("runs", []) if r["seed"] not in {run["seed"] for run in runs}]
-        runs = sorted(kept + runs, key=lambda r: r["seed"])
-        rows[name] = {"runs": runs, "macs": macs, "params": params, "summary": summarise(runs, num_train)}
+        rows[name] = {"runs": sorted(kept + runs, key=lambda r: r["seed"]), "macs": macs, "params": params}
 
     for config_file in args.configs:
         seeds = range(args.first_seed, args.first_seed + args.seeds)
@@ -311,7 +310,7 @@ def main() -> None:
         results.write_text(json.dumps(rows, indent=1, default=str))
     if "tutorial baseline" in rows:  # the baseline row last, wherever it came from
         rows["tutorial baseline"] = rows.pop("tutorial baseline")
-    for row in rows.values():
+    for row in rows.values():  # derived from the runs, so never stored
         row["summary"] = summarise(row["runs"], num_train)
 
     for name, r in rows.items():

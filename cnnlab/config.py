@@ -368,7 +368,7 @@ def _check_cross_keys(cfg: dict, origins: dict) -> None:
     progressive = cfg["training"]["progressive"]
     if progressive["sizes"]:
         sizes, epochs = progressive["sizes"], progressive["epochs"]
-        per_stage = epochs if isinstance(epochs, list) else [epochs] * len(sizes)
+        per_stage = _stage_epochs(progressive)
         if len(per_stage) != len(sizes) or not all(per_stage):
             fail("training.progressive.epochs", "training.progressive.epochs must be >= 1, one number for every "
                  f"stage or a list with one per size ({len(sizes)}). Received: {epochs!r}")
@@ -388,6 +388,17 @@ def _check_cross_keys(cfg: dict, origins: dict) -> None:
         ih, iw = as_size(data["image_size"])
         if h > ih or w > iw:
             fail("augment.crop", f"augment.crop must fit inside data.image_size {[ih, iw]}. Received: {crop!r}")
+
+
+def _stage_epochs(progressive: dict) -> list[int]:
+    epochs = progressive["epochs"]
+    return epochs if isinstance(epochs, list) else [epochs] * len(progressive["sizes"])
+
+
+def progressive_stages(training_cfg: dict) -> list[tuple[int | list, int]]:
+    """The early stages of a validated `training.progressive` as (size, epochs) pairs; [] when it is off."""
+    progressive = training_cfg["progressive"]
+    return list(zip(progressive["sizes"], _stage_epochs(progressive)))
 
 
 def as_size(value: int | list) -> tuple[int, int]:

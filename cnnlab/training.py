@@ -37,7 +37,6 @@ import keras
 from cnnlab import config as config_lib
 from cnnlab.data import Datasets, build_datasets
 from cnnlab.errors import TrainingError, UserError
-from cnnlab.config import as_size
 from cnnlab.modeling import (build_model, model_input_size, network_input_size, resize_model,
                               stage_image_size)
 from cnnlab.report import format_report, model_report
@@ -195,14 +194,6 @@ def compile_model(model: keras.Model, training_cfg: dict, num_classes: int, step
                   jit_compile=jit_compile)
 
 
-def progressive_stages(training_cfg: dict) -> list[tuple[list, int]]:
-    """The early stages of `training.progressive` as (size, epochs) pairs; [] when it is off."""
-    sizes = training_cfg["progressive"]["sizes"]
-    epochs = training_cfg["progressive"]["epochs"]
-    per_stage = epochs if isinstance(epochs, list) else [epochs] * len(sizes)
-    return list(zip(sizes, per_stage))
-
-
 def training_phases(cfg: dict) -> list[dict]:
     """The phases of a run: `train` for training.epochs, then `fine_tune` when training.fine_tune.epochs > 0.
 
@@ -213,7 +204,7 @@ def training_phases(cfg: dict) -> list[dict]:
     """
     training_cfg = cfg["training"]
     phases, start = [], 0
-    for size, epochs in progressive_stages(training_cfg):
+    for size, epochs in config_lib.progressive_stages(training_cfg):
         start += epochs
         phases.append({"name": "train", "training": training_cfg, "end": start, "size": size})
     phases.append({"name": "train", "training": training_cfg, "end": training_cfg["epochs"], "size": None})
@@ -531,7 +522,7 @@ def _train_in(cfg: dict, data: Datasets, run_dir: Path, out_dir: Path, state: di
             continue
         entering = state.get("phase") != phase["name"]
         previous = None if entering else model.optimizer
-        size = as_size(phase["size"]) if phase["size"] is not None else model_input_size(cfg)
+        size = config_lib.as_size(phase["size"]) if phase["size"] is not None else model_input_size(cfg)
         if network_input_size(model) != size:
             # A progressive-resizing stage: the same weights in the model built for this size. Its augmentation
             # gets a seed of its own, so that stages do not replay the first stage's random crops.

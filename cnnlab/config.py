@@ -196,7 +196,7 @@ def _initializer(v) -> str | None:
     return None
 
 
-def _per_stage(check: Callable) -> Callable:
+def _per_stage(check: Callable, unit: str = "stage") -> Callable:
     """A model key that takes one value for every stage, or a list with one value per stage."""
 
     def rule(v):
@@ -206,10 +206,15 @@ def _per_stage(check: Callable) -> Callable:
         for item in values:
             problem = check(item)
             if problem:
-                return f"{problem} (or a list of them, one per stage)"
+                return f"{problem} (or a list of them, one per {unit})"
         return None
 
     return rule
+
+
+def _per_conv(check: Callable) -> Callable:
+    """A stem key: one value, or a list with one value per stem conv."""
+    return _per_stage(check, unit="stem conv")
 
 
 RULES: dict[str, Callable] = {
@@ -252,9 +257,9 @@ RULES: dict[str, Callable] = {
     "model.*.bn_momentum": _num_in(0, 1),
     "model.standard.kernel_initializer": _per_stage(_initializer),
     "model.*.kernel_initializer": _initializer,
-    "model.*.stem_filters": _int_at_least(1),
-    "model.*.stem_kernel_size": _int_at_least(1),
-    "model.*.stem_strides": _int_at_least(1),
+    "model.*.stem_filters": _per_conv(_int_at_least(1)),
+    "model.*.stem_kernel_size": _per_conv(_int_at_least(1)),
+    "model.*.stem_strides": _per_conv(_int_at_least(1)),
     "model.*.bottleneck_ratio": _per_stage(_num_in(0, 1, low_open=True, high_open=False)),
     "model.*.depth_multiplier": _per_stage(_int_at_least(1)),
     "model.*.head": _choice("dense", "conv"),

@@ -8,12 +8,12 @@ import keras
 from keras import layers
 
 
-def per_stage(name: str, value: Any, num_stages: int) -> list:
+def per_stage(name: str, value: Any, num_stages: int, unit: str = "stage") -> list:
     """Expands a per-stage argument: one value for every stage, or a list with one value per stage."""
     if isinstance(value, (list, tuple)):
         if len(value) != num_stages:
             raise ValueError(
-                f"`{name}` must have one value per stage ({num_stages} stages), or be a single value. "
+                f"`{name}` must have one value per {unit} ({num_stages} {unit}s), or be a single value. "
                 f"Received: {list(value)!r}"
             )
         return list(value)
@@ -45,15 +45,22 @@ def regularizer(weight_decay: float):
     return keras.regularizers.L2(weight_decay) if weight_decay else None
 
 
-def stem(input_shape, filters: int, kernel_size: int, strides: int, first_stage: dict, **common):
-    """The image input, its rescaling, and a KxK conv stem with the first stage's activation and batch norm.
+def stem(input_shape, filters, kernel_size, strides, first_stage: dict, **common):
+    """The image input, its rescaling, and one or more KxK conv-BN-activation layers with the first stage's
+    activation and batch norm.
 
     The pointwise and separable families start this way: their stages cannot see neighbouring pixels on their own
-    (1x1) or mix channels in their first layer (depthwise), so a standard conv comes first.
+    (1x1) or mix channels in their first layer (depthwise), so standard convs come first. `filters` is one number
+    for one conv (MobileNet), or a list for several (Xception's entry flow has two); `kernel_size` and `strides` then
+    take one value for all of them or a list with one per conv. The first conv is named "stem", the next "stem2", ...
     """
+    filters = list(filters) if isinstance(filters, (list, tuple)) else [filters]
+    kernel_sizes = per_stage("stem_kernel_size", kernel_size, len(filters), unit="stem conv")
+    strides = per_stage("stem_strides", strides, len(filters), unit="stem conv")
     inputs, x = rescaled_input(input_shape)
-    x = conv_bn_act(x, filters, kernel_size, strides=strides, activation=first_stage["activation"],
-                    batch_norm=first_stage["batch_norm"], name="stem", **common)
+    for i, (f, k, s) in enumerate(zip(filters, kernel_sizes, strides), start=1):
+        x = conv_bn_act(x, f, k, strides=s, activation=first_stage["activation"],
+                        batch_norm=first_stage["batch_norm"], name="stem" if i == 1 else f"stem{i}", **common)
     return inputs, x
 
 

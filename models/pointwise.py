@@ -45,9 +45,10 @@ def pointwise(
         input_shape: `(height, width, channels)`; pixels in [0, 255], rescaled inside the model.
         num_classes: number of classes; 2 gives one sigmoid unit.
         head_dropout: dropout before the classifier.
-        stem_filters: channels of the KxK stem conv (the first layer must look at neighbours).
-        stem_kernel_size: K of the stem conv.
-        stem_strides: stride of the stem conv.
+        stem_filters: channels of the KxK stem conv (the first layer must look at neighbours), or a list with the
+            channels of each of several stem convs.
+        stem_kernel_size: K of the stem convs (one value, or one per stem conv).
+        stem_strides: stride of the stem convs (one value, or one per stem conv).
         filters: output channels of each stage; its length sets the number of stages.
         blocks: bottleneck blocks per stage (per stage).
         bottleneck_ratio: the squeezed width as a fraction of the stage's filters (per stage).

@@ -7,6 +7,7 @@ from keras import layers
 
 import models
 from cnnlab import config, conv_math
+from cnnlab.errors import UserError
 from cnnlab.modeling import build_model, family_network
 from cnnlab.report import model_report, totals
 from tests.conftest import REPO, run_cli
@@ -84,6 +85,45 @@ def test_per_stage_arguments_reach_the_layers():
     assert np.all(np.asarray(first.kernel) == 0) and np.all(np.asarray(second.kernel) == 1)
     assert model.get_layer("stage1_avgpool") is not None
     assert [layer.name for layer in model.layers if "pool" in layer.name] == ["stage1_avgpool", "head_pool"]
+
+
+def test_a_stem_of_several_convs_follows_its_lists_and_rejects_a_list_of_the_wrong_length():
+    model = models.create_model("separable", (32, 32, 3), 2, filters=[16], stem_filters=[8, 12],
+                                stem_kernel_size=[3, 5], stem_strides=[2, 1])
+    first, second = model.get_layer("stem_conv"), model.get_layer("stem2_conv")
+    assert first.kernel.shape == (3, 3, 3, 8) and first.strides == (2, 2)
+    assert second.kernel.shape == (5, 5, 8, 12) and second.strides == (1, 1)
+    assert second.output.shape == (None, 16, 16, 12)
+    assert model.get_layer("stem2_bn") is not None and model.get_layer("stem2_act") is not None
+    # One value for every stem conv, as for the stages.
+    model = models.create_model("pointwise", (32, 32, 3), 2, filters=[16], stem_filters=[8, 8], stem_strides=2)
+    assert model.get_layer("stem2_conv").output.shape == (None, 8, 8, 8)
+    with pytest.raises(ValueError, match=r"`stem_strides` must have one value per stem conv \(2 stem convs\)"
+                                         r".*Received: \[2, 1, 1\]"):
+        models.create_model("separable", (32, 32, 3), 2, stem_filters=[8, 12], stem_strides=[2, 1, 1])
+
+
+def test_separable_blocks_without_the_depthwise_activation_feed_the_depthwise_output_to_the_pointwise_conv():
+    mobilenet = models.create_model("separable", (32, 32, 3), 2, filters=[16, 32])
+    xception = models.create_model("separable", (32, 32, 3), 2, filters=[16, 32], depthwise_activation=False)
+    assert "stage1_block1_depthwise_bn" in [layer.name for layer in mobilenet.layers]
+    names = [layer.name for layer in xception.layers]
+    assert not any(name.endswith("_depthwise_bn") or name.endswith("_depthwise_act") for name in names)
+    pointwise = xception.get_layer("stage2_block1_pointwise_conv")
+    assert pointwise.input is xception.get_layer("stage2_block1_depthwise").output
+    # The pointwise conv's batch norm and activation remain: one BN and one ReLU per block instead of two.
+    assert xception.count_params() == mobilenet.count_params() - 4 * (16 + 32)
+    x = np.random.default_rng(2).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    assert xception.predict(x, verbose=0).shape == (2, 1)
+
+
+def test_stem_lists_are_checked_in_the_config():
+    cfg = config.resolve([], ["model.name=separable", "model.separable.stem_filters=[16, 24]",
+                              "model.separable.stem_strides=[2, 1]", "data.image_size=[32, 32]"])
+    assert build_model(cfg, 2).count_params() > 0
+    with pytest.raises(UserError, match=r"model.separable.stem_filters must be an integer >= 1 "
+                                               r"\(or a list of them, one per stem conv\). Received: \[16, 0\]"):
+        config.resolve([], ["model.separable.stem_filters=[16, 0]"])
 
 
 def test_a_serialized_initializer_from_the_config_sets_that_stage_and_survives_saving(tmp_path):

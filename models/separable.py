@@ -58,8 +58,8 @@ def separable(
             (and Keras' `SeparableConv2D`) does.
         strides: stride of a stage's first depthwise conv (per stage).
         activation: Keras activation name (per stage).
-        batch_norm: batch norm after the pointwise conv, and after the depthwise one where
-            `depthwise_activation` (per stage).
+        batch_norm: batch norm after the pointwise conv, and after the depthwise one when
+            `depthwise_activation` is True (per stage).
         pooling: `"max"`, `"avg"` or `"none"` closing each stage (per stage).
         dropout: spatial dropout closing each stage (per stage).
         residual: shortcut around each block (projected when the shape changes).
@@ -93,8 +93,8 @@ def separable(
                 depth_multiplier=st["depth_multiplier"], use_bias=not bn, depthwise_initializer=kernel_initializer,
                 depthwise_regularizer=regularizer(weight_decay), name=f"{name}_depthwise",
             )(x)
-            # Without it the pair is one linear map: Xception found that trains faster and better, and on a CPU it
-            # also skips a memory-bound batch norm over the block's widest activations.
+            # With nothing between them, depthwise + pointwise is one factorised linear conv: Xception found that
+            # trains faster and better, and on a CPU it also skips a memory-bound batch norm pass.
             if depthwise_activation:
                 x = norm_act(x, bn, act, name=f"{name}_depthwise", bn_momentum=bn_momentum)
             x = conv_bn_act(x, st["filters"], 1, activation=None if residual else act, batch_norm=bn,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from cnnlab import config
+from cnnlab.data import build_datasets
 from cnnlab.errors import UserError
 from cnnlab.modeling import build_model, family_network, network_input_size, resize_model
 from cnnlab.training import train, training_phases
@@ -133,8 +134,6 @@ def test_bad_progressive_settings_are_refused_with_the_key_and_value(sets, fragm
 
 
 def test_a_progressive_run_with_weight_averaging_validates_and_saves_the_averaged_weights(tmp_path):
-    from cnnlab.data import build_datasets
-
     sets = [f"run.dir={tmp_path}", "run.name=ema", "data.synthetic_size=128", "training.ema=0.9",
             "training.progressive.sizes=[16]", "training.progressive.epochs=1", "training.epochs=2",
             "runtime.log_histograms=false"]

@@ -6,9 +6,12 @@
     python bench/time_to_accuracy.py configs/small_data/standard.yaml --baseline-run-on 16
 
 Every run trains on the 2,000 training photos of --data. The 1,000 validation photos are split in two fixed,
-class-balanced halves: the *picking* half is the run's validation set (it chooses the best checkpoint and gives the
-per-epoch curve), the *held-out* half is never seen until the best checkpoint is scored on it at the end. The two
-halves are folders of symbolic links under --work, so nothing is copied.
+class-balanced halves, A and B: the *picking* half is the run's validation set (it chooses the best checkpoint and
+gives the per-epoch curve), the *held-out* half is never seen until the best checkpoint is scored on it at the end.
+Seeds take turns: even seeds pick on A and are scored on B, odd seeds the other way round. Two sets of 500 photos
+differ in difficulty by themselves (about a point here, on the same weights), and taking turns cancels that out of
+the mean gap between the two figures, which leaves what the gap is meant to show: how much picking the best epoch
+flatters it. The halves are folders of symbolic links under --work, so nothing is copied.
 
 With --work, results accumulate in its results.json: a later invocation in the same folder (same --budget) adds its
 runs to the earlier ones, so `--first-seed 3 --seeds 2` adds seeds 3 and 4 to a table and keeps the baseline run
@@ -49,22 +52,27 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def split_folder(data: Path, work: Path) -> Path:
-    """`work/data` with train -> data/train, val = the picking half and test = the held-out half of data/val."""
+def split_folder(data: Path, work: Path) -> tuple[Path, Path]:
+    """Two data roots under `work/data`, one per way round: train/ -> data/train, val/ = the picking half and
+    test/ = the held-out half of data/val (A and B in the first, B and A in the second)."""
     root = work / "data"
     val_dir = next((data / d for d in ("val", "validation") if (data / d).is_dir()), None)
     if not (data / "train").is_dir() or val_dir is None:
         fail(f"--data {data} needs train/ and val/ (or validation/) folders")
-    if not (root / "train").exists():
-        root.mkdir(parents=True, exist_ok=True)
-        (root / "train").symlink_to((data / "train").resolve(), target_is_directory=True)
+    folds = (root / "pick_a", root / "pick_b")
+    if not folds[1].exists():
         for class_dir in sorted(p for p in val_dir.iterdir() if p.is_dir()):
             files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-            for half, picked in (("val", files[0::2]), ("test", files[1::2])):
+            for half, picked in (("half_a", files[0::2]), ("half_b", files[1::2])):
                 (root / half / class_dir.name).mkdir(parents=True, exist_ok=True)
                 for f in picked:
                     (root / half / class_dir.name / f.name).symlink_to(f.resolve())
-    return root
+        for fold, (pick, held_out) in zip(folds, (("half_a", "half_b"), ("half_b", "half_a"))):
+            fold.mkdir()
+            (fold / "train").symlink_to((data / "train").resolve(), target_is_directory=True)
+            (fold / "val").symlink_to(root / pick, target_is_directory=True)
+            (fold / "test").symlink_to(root / held_out, target_is_directory=True)
+    return folds
 
 
 def first_time(history: list[dict], threshold: float) -> float | None:
@@ -77,8 +85,9 @@ def first_time(history: list[dict], threshold: float) -> float | None:
 # The project's configs, through train.py and evaluate.py
 
 
-def run_config(config_file: str, seed: int, data_root: Path, work: Path, budget_s: float) -> dict:
+def run_config(config_file: str, seed: int, folds: tuple[Path, Path], work: Path, budget_s: float) -> dict:
     name = f"{Path(config_file).stem}-seed{seed}"
+    data_root = folds[seed % 2]
     overrides = [f"data.path={data_root}", f"run.seed={seed}", f"run.dir={work / 'runs'}", f"run.name={name}"]
     cmd = [sys.executable, str(REPO / "train.py"), "--config", config_file, "--overwrite"]
     for o in overrides:
@@ -101,7 +110,7 @@ def run_config(config_file: str, seed: int, data_root: Path, work: Path, budget_
         # The best checkpoint is scored only when it was chosen within the budget (the run may go on past it).
         if best["val_accuracy"] >= max(float(r["val_accuracy"]) for r in rows):
             held_out = evaluate_held_out(run_dir)
-    return {"seed": seed, "history": history, "held_out": held_out}
+    return {"seed": seed, "picks_on": "AB"[seed % 2], "history": history, "held_out": held_out}
 
 
 def evaluate_held_out(run_dir: Path) -> float:
@@ -184,14 +193,15 @@ def baseline_child(data_root: Path, seed: int, budget_s: float, run_on_s: float,
                                "macs": macs_of(net)}))
 
 
-def run_baseline(data_root: Path, seed: int, work: Path, budget_s: float, run_on_s: float) -> dict:
+def run_baseline(folds: tuple[Path, Path], seed: int, work: Path, budget_s: float, run_on_s: float) -> dict:
     out = work / f"baseline-seed{seed}.json"
+    data_root = folds[seed % 2]
     print(f"\n$ tutorial baseline (seed {seed})", flush=True)
     subprocess.run([sys.executable, __file__, "--baseline-child", "--data", str(data_root), "--seed", str(seed),
                     "--budget", str(budget_s / 60), "--baseline-run-on", str(run_on_s / 60), "--work", str(out)],
                    check=True, timeout=max(budget_s, run_on_s) + 300)
     result = json.loads(out.read_text())
-    result["seed"] = seed
+    result["seed"], result["picks_on"] = seed, "AB"[seed % 2]
     result["run_on"] = result["history"]
     result["history"] = [h for h in result["history"] if h["elapsed"] <= budget_s]
     return result
@@ -248,6 +258,22 @@ def print_table(rows: dict[str, dict], budget_min: float) -> None:
               + "".join(f" {c:>{w}}" for c, w in zip(cells[name], widths)))
 
 
+def print_gaps(rows: dict[str, dict]) -> None:
+    """Per config, how far the held-out half falls below the picking half's best epoch, by which half picked."""
+    print("\nBest val minus held-out, points (seeds alternate the picking half; the mean over both ways round is the"
+          " figure to read):")
+    for name, r in rows.items():
+        gaps = {"A": [], "B": []}
+        for run in r["runs"]:
+            if run["held_out"] is not None and run["history"]:
+                best = max(h["val_accuracy"] for h in run["history"])
+                gaps[run.get("picks_on", "A")].append(100 * (best - run["held_out"]))
+        both = gaps["A"] + gaps["B"]
+        if both:
+            ways = ", ".join(f"picking on {k}: {' '.join(f'{g:.1f}' for g in v)}" for k, v in gaps.items() if v)
+            print(f"  {name:<22} mean {statistics.mean(both):.2f} over {len(both)} ({ways})")
+
+
 def speedup_to(rows: dict[str, dict], threshold: float, name: str, baseline: str, budget_min: float) -> None:
     ours, theirs = rows[name]["summary"][threshold][0], rows[baseline]["summary"][threshold][0]
     if ours is None:
@@ -287,8 +313,8 @@ def main() -> None:
         fail(f"--data {args.data} is not a folder (the photos: train/ and val/ with cats/ and dogs/)")
 
     work = args.work or Path(tempfile.mkdtemp(prefix="time_to_accuracy-"))
-    data_root = split_folder(args.data, work)
-    num_train = sum(1 for p in (data_root / "train").rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    folds = split_folder(args.data, work)
+    num_train = sum(1 for p in (folds[0] / "train").rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     # Results accumulate in the work folder: an earlier invocation's runs of other seeds (and its baseline) stay in
     # the table, so seeds can be added later (--first-seed) and compared against the same baseline run.
     results = work / "results.json"
@@ -300,11 +326,11 @@ def main() -> None:
 
     for config_file in args.configs:
         seeds = range(args.first_seed, args.first_seed + args.seeds)
-        runs = [run_config(config_file, seed, data_root, work, budget_s) for seed in seeds]
-        add(Path(config_file).stem, runs, *config_cost(config_file, data_root))
+        runs = [run_config(config_file, seed, folds, work, budget_s) for seed in seeds]
+        add(Path(config_file).stem, runs, *config_cost(config_file, folds[0]))
         results.write_text(json.dumps(rows, indent=1, default=str))
     if not args.no_baseline:
-        runs = [run_baseline(data_root, seed, work, budget_s, args.baseline_run_on * 60)
+        runs = [run_baseline(folds, seed, work, budget_s, args.baseline_run_on * 60)
                 for seed in range(args.baseline_seeds)]
         add("tutorial baseline", runs, runs[0]["macs"], runs[0]["params"])
         results.write_text(json.dumps(rows, indent=1, default=str))
@@ -319,6 +345,7 @@ def main() -> None:
                 f"{h['elapsed']:.0f}s {h['val_accuracy']:.3f}" for h in run["history"]))
     print(f"\nMachine: {os.cpu_count()} CPU cores; {time.strftime('%Y-%m-%d')}; runs in {work}")
     print_table(rows, args.budget)
+    print_gaps(rows)
     if "tutorial baseline" in rows:
         for name in rows:
             if name != "tutorial baseline":

@@ -9,7 +9,7 @@ import pytest
 
 from cnnlab import config
 from cnnlab.evaluation import compute_metrics, roc_auc, roc_curve
-from tests.conftest import REPO, assert_user_error, make_image_folder, run_cli
+from tests.conftest import REPO, assert_user_error, make_image_folder, run_cli, run_cli_in_process
 
 SMOKE = "configs/smoke.yaml"
 
@@ -150,29 +150,36 @@ def test_predict_on_a_folder_gives_the_same_probabilities_as_evaluate(photo_run,
     assert f"{first}" in proc.stdout
 
 
-def test_bad_inputs_are_one_line_errors(smoke_run, tmp_path):
+def test_bad_inputs_are_one_line_errors(smoke_run, tmp_path, capsys):
+    # One real process per CLI; the other cases run the same `main` through `cli.run` in this process.
     assert_user_error(run_cli("evaluate.py", "--checkpoint", str(tmp_path / "none.keras"), "--config", SMOKE),
                       "no such file")
-    assert_user_error(run_cli("evaluate.py", "--run", str(tmp_path)), "is not a run directory")
-    best = str(smoke_run / "checkpoints" / "best.keras")
-    assert_user_error(run_cli("evaluate.py", "--checkpoint", best, "--config", SMOKE, "--set",
-                              "data.image_size=[40,40]"), "takes 32x32 images", "data.image_size is [40, 40]")
-    assert_user_error(run_cli("evaluate.py", "--checkpoint", best, "--config", SMOKE, "--set",
-                              "data.synthetic_classes=3"), "predicts 2 classes", "has 3")
-    empty = tmp_path / "empty"
-    (empty / "train" / "cats").mkdir(parents=True)
-    (empty / "train" / "dogs").mkdir(parents=True)
-    assert_user_error(run_cli("evaluate.py", "--run", str(smoke_run), "--set", "data.source=folder",
-                              "--set", f"data.path={empty}"), "holds no images")
-    classless = tmp_path / "classless"
-    classless.mkdir()
-    assert_user_error(run_cli("evaluate.py", "--run", str(smoke_run), "--set", "data.source=folder",
-                              "--set", f"data.path={classless}"), "holds no class sub-folders")
     text = tmp_path / "notes.jpg"
     text.write_text("not a photo")
     assert_user_error(run_cli("predict.py", str(text), "--run", str(smoke_run)), "notes.jpg is not a readable image")
-    assert_user_error(run_cli("predict.py", str(tmp_path / "nothing"), "--run", str(smoke_run)), "no such file")
-    assert_user_error(run_cli("predict.py", str(empty), "--run", str(smoke_run)), "holds no images")
+
+    def evaluate(*args):
+        return run_cli_in_process(capsys, "evaluate.py", *args)
+
+    assert_user_error(evaluate("--run", str(tmp_path)), "is not a run directory")
+    best = str(smoke_run / "checkpoints" / "best.keras")
+    assert_user_error(evaluate("--checkpoint", best, "--config", SMOKE, "--set", "data.image_size=[40,40]"),
+                      "takes 32x32 images", "data.image_size is [40, 40]")
+    assert_user_error(evaluate("--checkpoint", best, "--config", SMOKE, "--set", "data.synthetic_classes=3"),
+                      "predicts 2 classes", "has 3")
+    empty = tmp_path / "empty"
+    (empty / "train" / "cats").mkdir(parents=True)
+    (empty / "train" / "dogs").mkdir(parents=True)
+    assert_user_error(evaluate("--run", str(smoke_run), "--set", "data.source=folder", "--set", f"data.path={empty}"),
+                      "holds no images")
+    classless = tmp_path / "classless"
+    classless.mkdir()
+    assert_user_error(evaluate("--run", str(smoke_run), "--set", "data.source=folder",
+                               "--set", f"data.path={classless}"), "holds no class sub-folders")
+    assert_user_error(run_cli_in_process(capsys, "predict.py", str(tmp_path / "nothing"), "--run", str(smoke_run)),
+                      "no such file")
+    assert_user_error(run_cli_in_process(capsys, "predict.py", str(empty), "--run", str(smoke_run)),
+                      "holds no images")
 
 
 def test_predict_labels_with_the_runs_class_names_and_skips_unreadable_files(smoke_run, tmp_path):

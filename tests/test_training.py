@@ -209,7 +209,7 @@ def test_a_run_killed_after_epoch_2_of_4_resumes_and_ends_at_epoch_4(tmp_path):
 
 def test_one_epoch_on_the_real_jpegs(shared_data, tmp_path):
     proc = run_cli("train.py", "--config", "configs/cats_vs_dogs_standard.yaml", "--set", "data.source=folder",
-                   "--set", f"data.path={shared_data}", "--set", "training.epochs=1", "--set", "data.image_size=[96,96]",
+                   "--set", f"data.path={shared_data}", "--set", "training.epochs=1", "--set", "data.image_size=[48,48]",
                    "--set", f"run.dir={tmp_path}", timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = tmp_path.iterdir()

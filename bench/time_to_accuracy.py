@@ -11,7 +11,8 @@ gives the per-epoch curve), the *held-out* half is never seen until the best che
 Seeds take turns: even seeds pick on A and are scored on B, odd seeds the other way round. Two sets of 500 photos
 differ in difficulty by themselves (here A scored 1.6 points above B on the same weights, on average over six runs),
 and taking turns cancels that out of the mean gap between the two figures, which leaves what the gap is meant to
-show: how much picking the best epoch flatters the figure. The halves are folders of symbolic links under --work, so nothing is copied.
+show: how much picking the best epoch flatters the figure. The halves are folders of symbolic links under --work,
+so nothing is copied.
 
 With --work, results accumulate in its results.json: a later invocation in the same folder (same --budget) adds its
 runs to the earlier ones, so `--first-seed 3 --seeds 2` adds seeds 3 and 4 to a table and keeps the baseline run

@@ -53,9 +53,9 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def split_folder(data: Path, work: Path) -> tuple[Path, Path]:
-    """Two data roots under `work/data`, one per way round: train/ -> data/train, val/ = the picking half and
-    test/ = the held-out half of data/val (A and B in the first, B and A in the second)."""
+def split_folder(data: Path, work: Path) -> dict[str, Path]:
+    """Two data roots under `work/data`, keyed by the half that picks: train/ -> data/train, val/ = the picking half
+    and test/ = the held-out half of data/val (A and B under "A", B and A under "B")."""
     root = work / "data"
     val_dir = next((data / d for d in ("val", "validation") if (data / d).is_dir()), None)
     if not (data / "train").is_dir() or val_dir is None:
@@ -73,7 +73,12 @@ def split_folder(data: Path, work: Path) -> tuple[Path, Path]:
             (fold / "train").symlink_to((data / "train").resolve(), target_is_directory=True)
             (fold / "val").symlink_to(root / pick, target_is_directory=True)
             (fold / "test").symlink_to(root / held_out, target_is_directory=True)
-    return folds
+    return dict(zip("AB", folds))
+
+
+def picking_half(seed: int) -> str:
+    """The half of val ("A" or "B") that picks a seed's checkpoint: seeds take turns."""
+    return "AB"[seed % 2]
 
 
 def first_time(history: list[dict], threshold: float) -> float | None:
@@ -86,9 +91,9 @@ def first_time(history: list[dict], threshold: float) -> float | None:
 # The project's configs, through train.py and evaluate.py
 
 
-def run_config(config_file: str, seed: int, folds: tuple[Path, Path], work: Path, budget_s: float) -> dict:
+def run_config(config_file: str, seed: int, folds: dict[str, Path], work: Path, budget_s: float) -> dict:
     name = f"{Path(config_file).stem}-seed{seed}"
-    data_root = folds[seed % 2]
+    data_root = folds[picking_half(seed)]
     overrides = [f"data.path={data_root}", f"run.seed={seed}", f"run.dir={work / 'runs'}", f"run.name={name}"]
     cmd = [sys.executable, str(REPO / "train.py"), "--config", config_file, "--overwrite"]
     for o in overrides:
@@ -111,7 +116,7 @@ def run_config(config_file: str, seed: int, folds: tuple[Path, Path], work: Path
         # The best checkpoint is scored only when it was chosen within the budget (the run may go on past it).
         if best["val_accuracy"] >= max(float(r["val_accuracy"]) for r in rows):
             held_out = evaluate_held_out(run_dir)
-    return {"seed": seed, "picks_on": "AB"[seed % 2], "history": history, "held_out": held_out}
+    return {"seed": seed, "picks_on": picking_half(seed), "history": history, "held_out": held_out}
 
 
 def evaluate_held_out(run_dir: Path) -> float:
@@ -194,15 +199,15 @@ def baseline_child(data_root: Path, seed: int, budget_s: float, run_on_s: float,
                                "macs": macs_of(net)}))
 
 
-def run_baseline(folds: tuple[Path, Path], seed: int, work: Path, budget_s: float, run_on_s: float) -> dict:
+def run_baseline(folds: dict[str, Path], seed: int, work: Path, budget_s: float, run_on_s: float) -> dict:
     out = work / f"baseline-seed{seed}.json"
-    data_root = folds[seed % 2]
+    data_root = folds[picking_half(seed)]
     print(f"\n$ tutorial baseline (seed {seed})", flush=True)
     subprocess.run([sys.executable, __file__, "--baseline-child", "--data", str(data_root), "--seed", str(seed),
                     "--budget", str(budget_s / 60), "--baseline-run-on", str(run_on_s / 60), "--work", str(out)],
                    check=True, timeout=max(budget_s, run_on_s) + 300)
     result = json.loads(out.read_text())
-    result["seed"], result["picks_on"] = seed, "AB"[seed % 2]
+    result["seed"], result["picks_on"] = seed, picking_half(seed)
     result["run_on"] = result["history"]
     result["history"] = [h for h in result["history"] if h["elapsed"] <= budget_s]
     return result
@@ -315,7 +320,7 @@ def main() -> None:
 
     work = args.work or Path(tempfile.mkdtemp(prefix="time_to_accuracy-"))
     folds = split_folder(args.data, work)
-    num_train = sum(1 for p in (folds[0] / "train").rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    num_train = sum(1 for p in (folds["A"] / "train").rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     # Results accumulate in the work folder: an earlier invocation's runs of other seeds (and its baseline) stay in
     # the table, so seeds can be added later (--first-seed) and compared against the same baseline run.
     results = work / "results.json"
@@ -328,7 +333,7 @@ def main() -> None:
     for config_file in args.configs:
         seeds = range(args.first_seed, args.first_seed + args.seeds)
         runs = [run_config(config_file, seed, folds, work, budget_s) for seed in seeds]
-        add(Path(config_file).stem, runs, *config_cost(config_file, folds[0]))
+        add(Path(config_file).stem, runs, *config_cost(config_file, folds["A"]))
         results.write_text(json.dumps(rows, indent=1, default=str))
     if not args.no_baseline:
         runs = [run_baseline(folds, seed, work, budget_s, args.baseline_run_on * 60)

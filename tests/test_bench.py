@@ -24,7 +24,8 @@ def test_val_halves_are_disjoint_balanced_and_swap_between_folds(tmp_path):
                 (data / split / cls / f"{cls}.{i}.jpg").write_bytes(b"")
     (data / "validation" / "cats" / "notes.txt").write_text("not a photo")
 
-    pick_a, pick_b = time_to_accuracy.split_folder(data, tmp_path / "work")
+    folds = time_to_accuracy.split_folder(data, tmp_path / "work")
+    pick_a, pick_b = folds["A"], folds["B"]
 
     val_a, test_a = names(pick_a / "val"), names(pick_a / "test")
     assert val_a.isdisjoint(test_a)
@@ -35,4 +36,5 @@ def test_val_halves_are_disjoint_balanced_and_swap_between_folds(tmp_path):
     assert names(pick_b / "val") == test_a and names(pick_b / "test") == val_a
     assert names(pick_a / "train") == names(pick_b / "train") == names(data / "train")
     # A second call (a later invocation in the same --work) reuses the folders rather than failing on them.
-    assert time_to_accuracy.split_folder(data, tmp_path / "work") == (pick_a, pick_b)
+    assert time_to_accuracy.split_folder(data, tmp_path / "work") == folds
+    assert [time_to_accuracy.picking_half(seed) for seed in range(4)] == ["A", "B", "A", "B"]

@@ -161,6 +161,9 @@ def test_bad_inputs_are_one_line_errors(smoke_run, tmp_path, capsys):
     def evaluate(*args):
         return run_cli_in_process(capsys, "evaluate.py", *args)
 
+    def predict(*args):
+        return run_cli_in_process(capsys, "predict.py", *args)
+
     assert_user_error(evaluate("--run", str(tmp_path)), "is not a run directory")
     best = str(smoke_run / "checkpoints" / "best.keras")
     assert_user_error(evaluate("--checkpoint", best, "--config", SMOKE, "--set", "data.image_size=[40,40]"),
@@ -176,10 +179,8 @@ def test_bad_inputs_are_one_line_errors(smoke_run, tmp_path, capsys):
     classless.mkdir()
     assert_user_error(evaluate("--run", str(smoke_run), "--set", "data.source=folder",
                                "--set", f"data.path={classless}"), "holds no class sub-folders")
-    assert_user_error(run_cli_in_process(capsys, "predict.py", str(tmp_path / "nothing"), "--run", str(smoke_run)),
-                      "no such file")
-    assert_user_error(run_cli_in_process(capsys, "predict.py", str(empty), "--run", str(smoke_run)),
-                      "holds no images")
+    assert_user_error(predict(str(tmp_path / "nothing"), "--run", str(smoke_run)), "no such file")
+    assert_user_error(predict(str(empty), "--run", str(smoke_run)), "holds no images")
 
 
 def test_predict_labels_with_the_runs_class_names_and_skips_unreadable_files(smoke_run, tmp_path):

@@ -12,7 +12,10 @@ Seeds take turns: even seeds pick on A and are scored on B, odd seeds the other 
 differ in difficulty by themselves (here A scored 1.6 points above B on the same weights, on average over six runs),
 and taking turns cancels that out of the mean gap between the two figures, which leaves what the gap is meant to
 show: how much picking the best epoch flatters the figure. The halves are folders of symbolic links under --work,
-so nothing is copied.
+so nothing is copied. Training never sees either half, so every run is also scored the other way round: each epoch's
+checkpoint is kept (`run.keep_every_epoch`) and scored on the held-out half after the run, outside the budget; the
+half that did not pick then picks too, and the seed's gap is the mean of the two ways round. That cancels the
+halves' difference in difficulty seed by seed, which alternating seeds do only on average (an even number of them).
 
 With --work, results accumulate in its results.json: a later invocation in the same folder (same --budget) adds its
 runs to the earlier ones, so `--first-seed 3 --seeds 2` adds seeds 3 and 4 to a table and keeps the baseline run
@@ -94,7 +97,9 @@ def first_time(history: list[dict], threshold: float) -> float | None:
 def run_config(config_file: str, seed: int, folds: dict[str, Path], work: Path, budget_s: float) -> dict:
     name = f"{Path(config_file).stem}-seed{seed}"
     data_root = folds[picking_half(seed)]
-    overrides = [f"data.path={data_root}", f"run.seed={seed}", f"run.dir={work / 'runs'}", f"run.name={name}"]
+    # Every epoch's checkpoint is kept, so that each can be scored on the held-out half after the run.
+    overrides = [f"data.path={data_root}", f"run.seed={seed}", f"run.dir={work / 'runs'}", f"run.name={name}",
+                 "run.keep_every_epoch=true"]
     cmd = [sys.executable, str(REPO / "train.py"), "--config", config_file, "--overwrite"]
     for o in overrides:
         cmd += ["--set", o]
@@ -125,6 +130,66 @@ def evaluate_held_out(run_dir: Path) -> float:
     subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--run", str(run_dir), "--split", "test",
                     "--out", str(out)], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     return json.loads((out / "metrics.json").read_text())["accuracy"]
+
+
+def score_epochs(run_dir: Path, epochs: list[int]) -> dict[int, float]:
+    """Every kept epoch checkpoint (`run.keep_every_epoch`) scored on the held-out half, as evaluate.py scores the
+    best one: {epoch: accuracy}, for the epochs whose checkpoint is there."""
+    import yaml
+
+    from cnnlab.evaluation import predict_split
+    from cnnlab.runs import load_checkpoint
+    from cnnlab.training import training_phases
+
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    phases = training_phases(cfg)
+    scores, model, model_phase = {}, None, None
+    for epoch in epochs:
+        path = run_dir / "checkpoints" / f"epoch_{epoch:03d}.keras"
+        if not path.is_file():
+            continue
+        # A progressive-resizing stage's model resizes the images to its own size first, as its val epochs did: a
+        # new stage needs its own model; within a stage, only the weights change (a tenth of the time to load).
+        phase = next(i for i, p in enumerate(phases) if epoch <= p["end"])
+        if phase != model_phase:
+            model, model_phase = load_checkpoint(path), phase
+        else:
+            model.load_weights(path)
+        preds, _ = predict_split(model, cfg, "test")
+        scores[epoch] = float((preds.predicted == preds.labels).mean())
+    return scores
+
+
+def add_held_out_curves(rows: dict[str, dict], work: Path) -> None:
+    """Adds `held_out_accuracy` to each epoch of the runs whose every epoch checkpoint was kept and not yet scored,
+    then deletes those checkpoints (a standard run's would take 0.5 GB; the figures are kept in results.json)."""
+    for name, row in rows.items():
+        for run in row["runs"]:
+            history = run["history"]
+            run_dir = work / "runs" / f"{name}-seed{run['seed']}"
+            if history and "held_out_accuracy" not in history[-1] and (run_dir / "checkpoints").is_dir():
+                scores = score_epochs(run_dir, [h["epoch"] for h in history])
+                if len(scores) == len(history):
+                    for h in history:
+                        h["held_out_accuracy"] = scores[h["epoch"]]
+                    for kept in (run_dir / "checkpoints").glob("epoch_*.keras"):
+                        kept.unlink()
+
+
+def both_ways_gap(history: list[dict]) -> float | None:
+    """Points by which the best epoch flatters a run, picking on each half in turn and scoring on the other, averaged.
+
+    Training never sees either half, so one run answers both ways round (the per-epoch figures of the half that did
+    not pick come from `add_held_out_curves`). Averaging the two cancels the difference in difficulty between the
+    halves exactly, seed by seed, and leaves what the gap is meant to show. Ties go to the earliest epoch, as in
+    train.py's choice of best.keras.
+    """
+    if not history or "held_out_accuracy" not in history[-1]:
+        return None
+    picked = max(history, key=lambda h: h["val_accuracy"])
+    other = max(history, key=lambda h: h["held_out_accuracy"])
+    return 100 * ((picked["val_accuracy"] - picked["held_out_accuracy"])
+                  + (other["held_out_accuracy"] - other["val_accuracy"])) / 2
 
 
 def macs_of(model) -> int:
@@ -265,9 +330,10 @@ def print_table(rows: dict[str, dict], budget_min: float) -> None:
 
 
 def print_gaps(rows: dict[str, dict]) -> None:
-    """Per config, how far the held-out half falls below the picking half's best epoch, by which half picked."""
-    print("\nBest val minus held-out, points (seeds alternate the picking half; the mean over both ways round is the"
-          " figure to read):")
+    """Per config, how far the held-out half falls below the picking half's best epoch: by which half picked, and,
+    where every epoch was scored on both halves, each seed both ways round (the figure to read)."""
+    print("\nBest val minus held-out, points (seeds alternate the picking half; where each seed could be scored both"
+          " ways round, that mean is the figure to read):")
     for name, r in rows.items():
         gaps = {"A": [], "B": []}
         for run in r["runs"]:
@@ -278,6 +344,10 @@ def print_gaps(rows: dict[str, dict]) -> None:
         if both:
             ways = ", ".join(f"picking on {k}: {' '.join(f'{g:.1f}' for g in v)}" for k, v in gaps.items() if v)
             print(f"  {name:<22} mean {statistics.mean(both):.2f} over {len(both)} ({ways})")
+        each = [both_ways_gap(run["history"]) for run in r["runs"]]
+        if each and None not in each:
+            print(f"  {'':<22} each seed both ways round: mean {statistics.mean(each):.2f} over {len(each)} "
+                  f"(per seed: {' '.join(f'{g:.1f}' for g in each)})")
 
 
 def speedup_to(rows: dict[str, dict], threshold: float, name: str, baseline: str, budget_min: float) -> None:
@@ -340,6 +410,8 @@ def main() -> None:
                 for seed in range(args.baseline_seeds)]
         add("tutorial baseline", runs, runs[0]["macs"], runs[0]["params"])
         results.write_text(json.dumps(rows, indent=1, default=str))
+    add_held_out_curves(rows, work)
+    results.write_text(json.dumps(rows, indent=1, default=str))
     if "tutorial baseline" in rows:  # the baseline row last, wherever it came from
         rows["tutorial baseline"] = rows.pop("tutorial baseline")
     for row in rows.values():  # derived from the runs, so never stored

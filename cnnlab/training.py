@@ -7,6 +7,7 @@ A run directory is the contract between training and everything that reads a run
         checkpoints/best.keras   the model of the epoch with the best val accuracy
         checkpoints/last.keras   the model (with optimizer state) after the last completed epoch
         checkpoints/initial.keras  the model as initialised, before any training
+        checkpoints/epoch_NNN.keras  with run.keep_every_epoch: the model after each epoch, to score every epoch later
         logs/                    TensorBoard: loss, accuracy, learning rate per epoch; weight histograms
         history.csv              one row per completed epoch
         metrics.json             the best epoch and its val metrics
@@ -77,6 +78,17 @@ def save_model_atomic(model: keras.Model, path: Path) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def keep_epoch_checkpoint(ckpt_dir: Path, epoch: int) -> None:
+    """Keeps last.keras as epoch_NNN.keras: a hard link (the next epoch's last.keras is a new file renamed into
+    place, so the link keeps this epoch's bytes and costs no time in the epoch), or a copy where links fail."""
+    kept = ckpt_dir / f"epoch_{epoch:03d}.keras"
+    kept.unlink(missing_ok=True)  # a resumed or overwritten run redoes this epoch
+    try:
+        os.link(ckpt_dir / "last.keras", kept)
+    except OSError:
+        shutil.copyfile(ckpt_dir / "last.keras", kept)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -259,8 +271,9 @@ class RunCheckpoint(keras.callbacks.Callback):
     step when the loss is not finite or Ctrl-C was pressed, and then leaves the partial epoch unrecorded.
     """
 
-    def __init__(self, run_dir: Path, state: dict, extra_metrics: dict):
+    def __init__(self, run_dir: Path, state: dict, extra_metrics: dict, keep_every_epoch: bool = False):
         super().__init__()
+        self.keep_every_epoch = keep_every_epoch
         self.stop_reason: str | None = None   # set when training stops early: "nan" or "interrupt"
         self.stop_where = ""
         self.interrupt_requested = False      # set by the SIGINT handler; acted on at the end of the step
@@ -306,6 +319,8 @@ class RunCheckpoint(keras.callbacks.Callback):
         row["elapsed_seconds"] = round(self._elapsed_before + now - self._train_start, 3)
 
         save_model_atomic(self.model, self.ckpt_dir / "last.keras")
+        if self.keep_every_epoch:
+            keep_epoch_checkpoint(self.ckpt_dir, epoch + 1)
         val_acc = row.get("val_accuracy")
         best = self.state["best_val_accuracy"]
         if val_acc is not None and (best is None or val_acc > best):
@@ -507,7 +522,7 @@ def _train_in(cfg: dict, data: Datasets, run_dir: Path, out_dir: Path, state: di
 
     extra = {"class_names": data.class_names, "num_train": data.num_train, "num_val": data.num_val,
              "params": int(model.count_params())}
-    checkpoint = RunCheckpoint(out_dir, state, extra)
+    checkpoint = RunCheckpoint(out_dir, state, extra, keep_every_epoch=cfg["run"]["keep_every_epoch"])
     callbacks = [
         keras.callbacks.TensorBoard(
             log_dir=str(out_dir / "logs"), histogram_freq=1 if cfg["runtime"]["log_histograms"] else 0,

@@ -1,9 +1,16 @@
-"""The time-to-accuracy bench's split of the val photos: two disjoint, class-balanced halves that take turns."""
+"""The time-to-accuracy bench: its split of the val photos (two disjoint, class-balanced halves that take turns), and
+its held-out gap scored both ways round from every epoch's checkpoint."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 
+import pytest
+
+from cnnlab import config
+from cnnlab.evaluation import evaluate
+from cnnlab.training import train
 from tests.conftest import REPO
 
 spec = importlib.util.spec_from_file_location("time_to_accuracy", REPO / "bench" / "time_to_accuracy.py")
@@ -38,3 +45,42 @@ def test_val_halves_are_disjoint_balanced_and_swap_between_folds(tmp_path):
     # A second call (a later invocation in the same --work) reuses the folders rather than failing on them.
     assert time_to_accuracy.split_folder(data, tmp_path / "work") == folds
     assert [time_to_accuracy.picking_half(seed) for seed in range(4)] == ["A", "B", "A", "B"]
+
+
+def epochs(val, held_out):
+    return [{"epoch": i + 1, "val_accuracy": v, "held_out_accuracy": h} for i, (v, h) in enumerate(zip(val, held_out))]
+
+
+def test_both_ways_gap_averages_picking_on_each_half_and_scoring_on_the_other():
+    # Picking on val chooses epoch 2 (0.90 against 0.84 held out: +6 points); picking on the held-out half chooses
+    # epoch 3 (0.88 against 0.85 on val: +3 points). The seed's gap is their mean.
+    assert time_to_accuracy.both_ways_gap(epochs([0.80, 0.90, 0.85], [0.82, 0.84, 0.88])) == pytest.approx(4.5)
+    # A half that is easier on every epoch shows up in one direction and cancels in the other.
+    assert time_to_accuracy.both_ways_gap(epochs([0.90, 0.92], [0.86, 0.88])) == pytest.approx(0.0)
+    # Ties go to the earliest epoch, as train.py's best.keras: val picks epoch 1 (0.9 - 0.7 = +20 points) and
+    # the held-out half epoch 2 (0.8 - 0.9 = -10); with the tie broken the other way, val's pick would give +10.
+    assert time_to_accuracy.both_ways_gap(epochs([0.9, 0.9], [0.7, 0.8])) == pytest.approx((20 - 10) / 2)
+    assert time_to_accuracy.both_ways_gap([{"epoch": 1, "val_accuracy": 0.9}]) is None
+
+
+def test_every_kept_epoch_is_scored_as_evaluate_py_scores_the_best_checkpoint(tmp_path):
+    smoke = str(REPO / "configs" / "smoke.yaml")
+    # Epochs 1-2 are a progressive-resizing stage at 16x16: their checkpoints resize the images to 16x16 first, and
+    # epoch 3 must be scored as it is (32x32), not as its weights in the model of the stage before.
+    cfg = config.resolve([smoke], [f"run.dir={tmp_path / 'runs'}", "run.name=smoke-seed0", "training.epochs=3",
+                                   "data.synthetic_size=512", "run.keep_every_epoch=true",
+                                   "training.progressive.sizes=[16]", "training.progressive.epochs=2"])
+    run_dir = train(cfg, [smoke])
+    expected = [evaluate(checkpoint=str(run_dir / "checkpoints" / f"epoch_00{e}.keras"), split="test",
+                         out=str(tmp_path / f"eval{e}"))["accuracy"] for e in (1, 2, 3)]
+    history = [{"epoch": e, "val_accuracy": 0.5} for e in (1, 2, 3)]
+    rows = {"smoke": {"runs": [{"seed": 0, "history": history}]}}
+    time_to_accuracy.add_held_out_curves(rows, tmp_path)
+    scores = [h["held_out_accuracy"] for h in history]
+    assert scores == pytest.approx(expected, abs=1e-9)
+    # Once scored, the epoch checkpoints go; the run's own three stay.
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.keras", "initial.keras",
+                                                                          "last.keras"]
+    best_epoch = json.loads((run_dir / "metrics.json").read_text())["best_epoch"]
+    best = evaluate(run=str(run_dir), split="test", out=str(tmp_path / "eval"))
+    assert scores[best_epoch - 1] == pytest.approx(best["accuracy"], abs=1e-9)

@@ -149,6 +149,21 @@ def test_same_seed_gives_the_same_first_epoch_loss_and_another_seed_does_not(tmp
     assert losses[0] != pytest.approx(losses[2], rel=1e-4)
 
 
+def test_keep_every_epoch_keeps_each_epochs_model_and_the_last_one_is_last_keras(tmp_path):
+    run_dir = train(tiny_cfg(tmp_path, "training.epochs=3", "run.keep_every_epoch=true"), [SMOKE])
+    ckpts = run_dir / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("epoch_*.keras")) == [f"epoch_00{e}.keras" for e in (1, 2, 3)]
+    weights = {e: keras.models.load_model(ckpts / f"epoch_00{e}.keras").get_weights() for e in (1, 2, 3)}
+    last = keras.models.load_model(ckpts / "last.keras").get_weights()
+    assert all(np.array_equal(a, b) for a, b in zip(weights[3], last))
+    # Each epoch keeps its own weights, not a link to whatever last.keras later becomes.
+    assert not all(np.array_equal(a, b) for a, b in zip(weights[1], weights[2]))
+    assert not all(np.array_equal(a, b) for a, b in zip(weights[2], weights[3]))
+    # Off by default: a run keeps only initial, last and best.
+    plain = train(tiny_cfg(tmp_path), [SMOKE])
+    assert sorted(p.name for p in (plain / "checkpoints").iterdir()) == ["best.keras", "initial.keras", "last.keras"]
+
+
 def test_dry_run_prints_the_model_and_writes_nothing(tmp_path):
     proc = run_cli("train.py", "--config", SMOKE, "--set", f"run.dir={tmp_path}/runs", "--dry-run", timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -219,6 +219,25 @@ def test_small_data_configs_build_and_separable_keeps_under_a_fifth_of_the_stand
     assert macs["separable"] <= macs["standard"] / 5, macs
 
 
+def test_stage_pooling_drops_an_odd_maps_last_row_and_column_so_the_pointwise_config_leaves_its_3x3_map_whole(
+        tmp_path):
+    # defaults.yaml warns that 2x2 pooling loses an odd map's last row and column; the pointwise small-data config
+    # relies on that warning by not pooling its last (3x3) stage.
+    from models.blocks import stage_end
+    inputs = keras.Input((3, 3, 1))
+    pool = keras.Model(inputs, stage_end(inputs, "max", 0.0, name="s"))
+    grid = np.zeros((1, 3, 3, 1), "float32")
+    grid[0, 2, 2, 0] = 5.0                       # the bottom-right corner
+    assert pool.predict(grid, verbose=0).shape == (1, 1, 1, 1)
+    assert float(pool.predict(grid, verbose=0).max()) == 0.0
+    grid[0, 1, 1, 0] = 3.0                       # inside the top-left 2x2
+    assert float(pool.predict(grid, verbose=0).max()) == 3.0
+
+    cfg = config.resolve([str(REPO / "configs/small_data/pointwise.yaml")], [f"data.path={tmp_path}"])
+    net = family_network(build_model(cfg, 2))
+    assert tuple(net.get_layer("head_pool").input.shape[1:3]) == (3, 3)
+
+
 def test_report_cli_prints_one_table_for_several_configs():
     proc = run_cli("report.py", "configs/cats_vs_dogs_standard.yaml", "configs/cats_vs_dogs_separable.yaml",
                    "configs/cats_vs_dogs_pointwise.yaml", "--set", "data.image_size=[160,160]", timeout=120)

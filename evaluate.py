@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_config_arguments(parser)
     parser.add_argument("--split", choices=["test", "val"], default="test",
                         help="test (default; val when the data has no test split) or val")
-    parser.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
+    parser.add_argument("--tta", action=cli.argparse.BooleanOptionalAction, default=None,
+                        help="average each prediction with the mirror image's (default: as the run's augment.tta)")
     parser.add_argument("--out", help="output folder (default RUN_DIR/eval/<split>)")
     args = parser.parse_args(argv)
 

@@ -4,7 +4,8 @@
     python predict.py photos/ --run runs/<name> --csv predictions.csv
     python predict.py photos/ --checkpoint model.keras --class-names cats,dogs
 
-Images are decoded and resized exactly as in training; the model carries its own preprocessing.
+Images are decoded and resized exactly as in training; the model carries its own preprocessing. A run that
+validated on flip-averaged predictions (`augment.tta: flip`) predicts the same way unless told --no-tta.
 """
 
 from __future__ import annotations
@@ -26,7 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--checkpoint", metavar="FILE", help="a .keras checkpoint")
     parser.add_argument("--class-names", help="comma-separated class names, for a checkpoint outside a run")
     parser.add_argument("--csv", metavar="FILE", help="also write the predictions to a CSV file")
+    parser.add_argument("--tta", action=cli.argparse.BooleanOptionalAction, default=None,
+                        help="average each prediction with the mirror image's (default: as the run's augment.tta)")
     args = parser.parse_args(argv)
+
+    import yaml
 
     from cnnlab.errors import UserError
     from cnnlab.evaluation import image_files, num_model_classes, predict_files
@@ -36,7 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = checkpoint_path(args.run, "best") if args.run else Path(args.checkpoint)
     model = load_checkpoint(ckpt)
     n = num_model_classes(model)
-    metrics = ckpt.parent.parent / "metrics.json"  # a checkpoint inside a run knows its class names
+    run_dir = ckpt.parent.parent  # a checkpoint inside a run knows its class names and how it was validated
+    metrics = run_dir / "metrics.json"
+    saved = run_dir / "config.yaml"  # read as saved: predicting needs none of the run's data at hand
+    tta = args.tta if args.tta is not None else (
+        saved.is_file() and (yaml.safe_load(saved.read_text()).get("augment") or {}).get("tta") == "flip")
     if args.class_names:
         class_names = [c.strip() for c in args.class_names.split(",")]
     elif metrics.is_file() and "class_names" in json.loads(metrics.read_text()):
@@ -46,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(class_names) != n:
         raise UserError(f"--class-names: the model predicts {n} classes. Received: {len(class_names)} names")
 
-    rows, unreadable = predict_files(model, files, class_names)
+    rows, unreadable = predict_files(model, files, class_names, tta=tta)
     if len(files) == 1 and unreadable:
         raise UserError(f"IMAGE_OR_FOLDER: {files[0]} is not a readable image (JPEG, PNG, BMP or GIF).")
     for f in unreadable:

@@ -134,10 +134,11 @@ def evaluate_held_out(run_dir: Path) -> float:
 
 def score_epochs(run_dir: Path, epochs: list[int]) -> dict[int, float]:
     """Every kept epoch checkpoint (`run.keep_every_epoch`) scored on the held-out half, as evaluate.py scores the
-    best one: {epoch: accuracy}, for the epochs whose checkpoint is there."""
+    best one (with flip test-time augmentation where the config validates with it): {epoch: accuracy}, for the
+    epochs whose checkpoint is there."""
     import yaml
 
-    from cnnlab.evaluation import predict_split
+    from cnnlab.evaluation import flip_tta, predict_split
     from cnnlab.runs import load_checkpoint
     from cnnlab.training import training_phases
 
@@ -155,7 +156,7 @@ def score_epochs(run_dir: Path, epochs: list[int]) -> dict[int, float]:
             model, model_phase = load_checkpoint(path), phase
         else:
             model.load_weights(path)
-        preds, _ = predict_split(model, cfg, "test")
+        preds, _ = predict_split(model, cfg, "test", flip_tta(cfg))
         scores[epoch] = float((preds.predicted == preds.labels).mean())
     return scores
 

@@ -231,6 +231,7 @@ RULES: dict[str, Callable] = {
     "data.synthetic_classes": _int_at_least(2),
     "augment.flip": _choice("none", "horizontal", "vertical", "horizontal_and_vertical"),
     "augment.crop": _size(nullable=True),
+    "augment.tta": _choice("none", "flip"),
     "augment.crop_scale": _range_pair(0, 1, nullable=True),
     "augment.crop_ratio": _range_pair(0, None, nullable=False),
     "augment.mixup": _num_at_least(0),

@@ -57,6 +57,11 @@ def class_probabilities(outputs: np.ndarray) -> np.ndarray:
     return np.concatenate([1 - outputs, outputs], axis=1) if outputs.shape[1] == 1 else outputs
 
 
+def flip_tta(cfg: dict) -> bool:
+    """Whether a config asks for flip test-time augmentation (`augment.tta: flip`)."""
+    return cfg["augment"]["tta"] == "flip"
+
+
 def predict_batch(model: keras.Model, images: np.ndarray | tf.Tensor, tta: bool = False) -> np.ndarray:
     """(N, C) probabilities for a batch of [0, 255] images; with `tta`, averaged with the horizontal mirror."""
     probs = class_probabilities(model.predict_on_batch(images))
@@ -301,8 +306,12 @@ def format_metrics(metrics: dict) -> str:
 
 
 def evaluate(*, run: str | None = None, checkpoint: str | None = None, config_files: list[str] = (),
-             overrides: list[str] = (), split: str = "test", out: str | None = None, tta: bool = False) -> dict:
-    """Evaluates a run's best checkpoint, or a checkpoint file, on one split, writes the results, returns metrics."""
+             overrides: list[str] = (), split: str = "test", out: str | None = None,
+             tta: bool | None = None) -> dict:
+    """Evaluates a run's best checkpoint, or a checkpoint file, on one split, writes the results, returns metrics.
+
+    `tta`: average each prediction with the mirror image's; None: as the config says (`augment.tta`), so a run is
+    scored the way its validation picked its best checkpoint."""
     history, run_dir = None, None
     if run:
         run_dir = Path(run)
@@ -321,6 +330,7 @@ def evaluate(*, run: str | None = None, checkpoint: str | None = None, config_fi
             raise UserError(f"--checkpoint: {ckpt} is not inside a run directory; pass --config FILE to say how to "
                             "read the data.")
     model = load_checkpoint(ckpt)
+    tta = flip_tta(cfg) if tta is None else tta
     preds, split = predict_split(model, cfg, split, tta)
     metrics = compute_metrics(preds.labels, preds.probs, preds.class_names)
     metrics.update({
@@ -370,9 +380,10 @@ def image_files(target: str) -> list[str]:
     return files
 
 
-def predict_files(model: keras.Model, files: list[str], class_names: list[str],
-                  batch_size: int = 32) -> tuple[list[dict], list[str]]:
-    """Label and probabilities for each readable file (decoded and resized exactly as in training).
+def predict_files(model: keras.Model, files: list[str], class_names: list[str], batch_size: int = 32,
+                  tta: bool = False) -> tuple[list[dict], list[str]]:
+    """Label and probabilities for each readable file (decoded and resized exactly as in training); with `tta`,
+    averaged with the mirror image's.
 
     Returns:
         The rows, and the files that could not be read as images.
@@ -382,7 +393,7 @@ def predict_files(model: keras.Model, files: list[str], class_names: list[str],
 
     def flush():
         if batch:
-            probs = predict_batch(model, tf.cast(tf.stack(batch), tf.float32))
+            probs = predict_batch(model, tf.cast(tf.stack(batch), tf.float32), tta)
             for f, p in zip(batch_files, probs):
                 rows.append({"file": f, "label": class_names[p.argmax()], "probability": float(p.max()),
                              **{f"p_{n}": float(v) for n, v in zip(class_names, p)}})

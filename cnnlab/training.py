@@ -192,16 +192,20 @@ def make_optimizer(training_cfg: dict, steps_per_epoch: int) -> keras.optimizers
     return opt
 
 
-def compile_model(model: keras.Model, training_cfg: dict, num_classes: int, steps_per_epoch: int,
-                  jit_compile: bool | str = "auto") -> None:
-    """Compiles with the loss and accuracy that match the head: binary (sigmoid) or categorical (softmax)."""
+def loss_and_metrics(training_cfg: dict, num_classes: int) -> tuple[keras.losses.Loss, list[keras.metrics.Metric]]:
+    """The loss and accuracy that match the head: binary (sigmoid) or categorical (softmax)."""
     smoothing = training_cfg["label_smoothing"]
     if num_classes == 2:
-        loss = keras.losses.BinaryCrossentropy(label_smoothing=smoothing)
-        metrics = [keras.metrics.BinaryAccuracy(name="accuracy")]
-    else:
-        loss = keras.losses.CategoricalCrossentropy(label_smoothing=smoothing)
-        metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
+        return (keras.losses.BinaryCrossentropy(label_smoothing=smoothing),
+                [keras.metrics.BinaryAccuracy(name="accuracy")])
+    return (keras.losses.CategoricalCrossentropy(label_smoothing=smoothing),
+            [keras.metrics.CategoricalAccuracy(name="accuracy")])
+
+
+def compile_model(model: keras.Model, training_cfg: dict, num_classes: int, steps_per_epoch: int,
+                  jit_compile: bool | str = "auto") -> None:
+    """Compiles with the optimizer of `training_cfg` and the loss and accuracy of `loss_and_metrics`."""
+    loss, metrics = loss_and_metrics(training_cfg, num_classes)
     model.compile(optimizer=make_optimizer(training_cfg, steps_per_epoch), loss=loss, metrics=metrics,
                   jit_compile=jit_compile)
 
@@ -369,6 +373,39 @@ class AveragedWeights(keras.callbacks.SwapEMAWeights):
         self._ema_weights_in_model = resumed
 
 
+class FlipValidation(keras.callbacks.Callback):
+    """Validates each epoch on predictions averaged with the mirror image's (`augment.tta: flip`).
+
+    fit() then runs without `validation_data`, and this callback puts `val_loss` and `val_accuracy` into the epoch's
+    logs ahead of the callbacks that read them (checkpoints, TensorBoard, the progress line), so best.keras is
+    picked on the figure that `evaluate.py` reports for the run. It evaluates a second model that calls the trained
+    one on each image and on its mirror: the two share every layer, so it always sees the current weights, and
+    Keras's own `evaluate` spreads the work over a distribution strategy's replicas as fit() would have.
+    """
+
+    def __init__(self, val: "tf.data.Dataset", training_cfg: dict, num_classes: int, jit_compile: bool | str):
+        super().__init__()
+        self.val = val
+        self.training_cfg = training_cfg
+        self.num_classes = num_classes
+        self.jit_compile = jit_compile
+        self._averaged: keras.Model | None = None
+
+    def on_train_begin(self, logs=None):
+        inputs = keras.Input(self.model.input_shape[1:])
+        mirrored = keras.ops.flip(inputs, axis=2)
+        # float32 whatever the precision policy: these are probabilities, as the model's own output is.
+        outputs = keras.layers.Average(dtype="float32")([self.model(inputs), self.model(mirrored)])
+        self._averaged = keras.Model(inputs, outputs, name="flip_averaged")
+        loss, metrics = loss_and_metrics(self.training_cfg, self.num_classes)
+        self._averaged.compile(loss=loss, metrics=metrics, jit_compile=self.jit_compile)
+
+    def on_epoch_end(self, epoch, logs=None):
+        scores = self._averaged.evaluate(self.val, verbose=0, return_dict=True)
+        if logs is not None:
+            logs.update({f"val_{name}": value for name, value in scores.items()})
+
+
 class KernelImages(keras.callbacks.Callback):
     """Logs the first conv layer's kernels as one image per epoch, so TensorBoard shows filters as they learn."""
 
@@ -532,6 +569,8 @@ def _train_in(cfg: dict, data: Datasets, run_dir: Path, out_dir: Path, state: di
     if cfg["runtime"]["log_kernel_images"]:
         callbacks.insert(1, KernelImages(out_dir / "logs" / "kernels"))
     progressive = any(phase["size"] is not None for phase in phases)
+    flip_validation = cfg["augment"]["tta"] == "flip"
+    jit_compile = resolve_jit(cfg["runtime"]["jit_compile"])
     for index, phase in enumerate(phases):
         if state["epoch"] >= phase["end"]:
             continue
@@ -553,8 +592,7 @@ def _train_in(cfg: dict, data: Datasets, run_dir: Path, out_dir: Path, state: di
         # Entering a phase starts a fresh optimizer. Resuming inside one, or moving to the next progressive-resizing
         # stage, rebuilds it from the current config (which may add epochs or change the learning rate) and carries
         # the step count and moments over, so the learning-rate schedule runs on.
-        compile_model(model, phase["training"], data.num_classes, data.steps_per_epoch,
-                      jit_compile=resolve_jit(cfg["runtime"]["jit_compile"]))
+        compile_model(model, phase["training"], data.num_classes, data.steps_per_epoch, jit_compile=jit_compile)
         if previous is not None:
             carry_optimizer_state(previous, model)
         state["phase"] = phase["name"]
@@ -564,12 +602,18 @@ def _train_in(cfg: dict, data: Datasets, run_dir: Path, out_dir: Path, state: di
             # Keras puts the averaged weights into the model for good when a fit() ends, so a progressive-resizing
             # stage trains on from the previous stage's averaged weights.
             phase_callbacks = [AveragedWeights(resumed=not entering), *callbacks]
+        if flip_validation:
+            # After the averaged weights are swapped in, before anything reads the epoch's val figures.
+            at = 1 if phase["training"]["ema"] else 0
+            validate = FlipValidation(data.val, phase["training"], data.num_classes, jit_compile)
+            phase_callbacks = [*phase_callbacks[:at], validate, *phase_callbacks[at:]]
         with warnings.catch_warnings(), stop_on_first_interrupt(checkpoint):
             # Folder pipelines skip undecodable files, so their length is unknown until the first epoch ends; Keras
             # then warns that the input "ran out of data", which is exactly how it learns the epoch length.
             warnings.filterwarnings("ignore", message="Your input ran out of data")
-            model.fit(data.train, validation_data=data.val, epochs=phase["end"], initial_epoch=state["epoch"],
-                      callbacks=phase_callbacks, shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
+            model.fit(data.train, validation_data=None if flip_validation else data.val, epochs=phase["end"],
+                      initial_epoch=state["epoch"], callbacks=phase_callbacks, shuffle=False,
+                      verbose=1 if sys.stdout.isatty() else 2)
         if checkpoint.stop_reason:
             raise_stop(checkpoint, run_dir, cfg)
     best = state["best_val_accuracy"]

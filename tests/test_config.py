@@ -66,6 +66,7 @@ def test_experiment_files_state_only_what_differs_from_the_defaults():
         ("model.standard.filters=[8, -1]", ["model.standard.filters"]),
         ("data.image_size=[1,2,3]", ["data.image_size must be [height, width]"]),
         ("runtime.precision=float8", ["runtime.precision must be one of"]),
+        ("augment.tta=crops", ["augment.tta must be one of 'none', 'flip'", "Received: 'crops'"]),
         ("model.standard.kernel_initializer=bogus", ["model.standard.kernel_initializer must be a Keras initializer",
                                                      "Received: 'bogus'"]),
         ("model.separable.kernel_initializer={stddev: 1}", ["must be an initializer name or {class_name"]),

@@ -2,10 +2,12 @@
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from cnnlab import config
 from cnnlab.evaluation import compute_metrics, roc_auc, roc_curve
@@ -190,3 +192,24 @@ def test_predict_labels_with_the_runs_class_names_and_skips_unreadable_files(smo
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("orientation_")]
     assert len(lines) == 3 and "skipped (not a readable image)" in proc.stderr
+
+
+def test_predict_averages_with_the_mirror_image_where_the_run_validated_that_way(smoke_run, tmp_path, capsys):
+    make_image_folder(tmp_path / "imgs", splits=("",), classes=("x",), per_class=3, size=32)
+    flip_run = tmp_path / "flip_run"  # the same weights, in a run that validated with augment.tta: flip
+    shutil.copytree(smoke_run, flip_run)
+    saved = yaml.safe_load((flip_run / "config.yaml").read_text())
+    saved["augment"]["tta"] = "flip"
+    (flip_run / "config.yaml").write_text(yaml.safe_dump(saved))
+
+    def probabilities(run, *args):
+        out = tmp_path / "p.csv"
+        proc = run_cli_in_process(capsys, "predict.py", str(tmp_path / "imgs"), "--run", str(run), "--csv", str(out),
+                                  *args)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return np.array([[float(r[k]) for k in r if k.startswith("p_")] for r in read_csv(out)])
+
+    averaged = probabilities(flip_run)
+    assert np.allclose(averaged, probabilities(smoke_run, "--tta"), atol=1e-6)
+    assert np.allclose(probabilities(flip_run, "--no-tta"), probabilities(smoke_run), atol=1e-6)
+    assert not np.allclose(averaged, probabilities(smoke_run), atol=1e-4)

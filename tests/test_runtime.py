@@ -46,18 +46,21 @@ def small_args(runs: Path, name: str, *extra: str) -> list[str]:
 def test_mirrored_over_two_cpu_devices_matches_the_single_device_loss(tmp_path):
     script = tmp_path / "two_cpus.py"
     script.write_text(TWO_CPUS.format(repo=str(REPO)))
-    losses = {}
+    epochs = {}
     for strategy in ("mirrored", "default"):
         # Distributing a dataset rebuilds it, and a rebuilt shuffle draws another (equally seeded) order; without
-        # shuffling both see the same batches, so the losses compare the arithmetic alone.
+        # shuffling both see the same batches, so the losses compare the arithmetic alone. The validation averages
+        # each image's prediction with its mirror's (augment.tta: flip), evaluated through the strategy too.
         proc = subprocess.run([sys.executable, str(script), *small_args(tmp_path, strategy, "--set",
-                               f"runtime.strategy={strategy}", "--set", "data.shuffle_buffer=1")],
+                               f"runtime.strategy={strategy}", "--set", "data.shuffle_buffer=1",
+                               "--set", "augment.tta=flip")],
                               cwd=REPO, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        losses[strategy] = float(history(tmp_path / strategy)[0]["loss"])
+        epochs[strategy] = history(tmp_path / strategy)[0]
         if strategy == "mirrored":
             assert "Strategy: mirrored over 2 devices" in proc.stdout
-    assert losses["mirrored"] == pytest.approx(losses["default"], rel=1e-4)
+    for key in ("loss", "val_loss", "val_accuracy"):
+        assert float(epochs["mirrored"][key]) == pytest.approx(float(epochs["default"][key]), rel=1e-4), key
 
 
 def _free_ports(n: int) -> list[int]:
@@ -79,8 +82,9 @@ def test_two_local_workers_train_an_epoch_and_only_the_chief_writes(tmp_path):
     for index in range(2):
         env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
                "TMPDIR": str(worker_tmp)}
-        procs.append(subprocess.Popen([sys.executable, "train.py", *small_args(tmp_path / "runs", "mw")], cwd=REPO,
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(subprocess.Popen([sys.executable, "train.py", *small_args(tmp_path / "runs", "mw", "--set",
+                                                                            "augment.tta=flip")],
+                                      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = []
     try:
         for p in procs:

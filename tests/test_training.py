@@ -164,6 +164,36 @@ def test_keep_every_epoch_keeps_each_epochs_model_and_the_last_one_is_last_keras
     assert sorted(p.name for p in (plain / "checkpoints").iterdir()) == ["best.keras", "initial.keras", "last.keras"]
 
 
+def test_flip_validation_scores_every_epoch_on_predictions_averaged_with_the_mirror_image(tmp_path):
+    run_dir = train(tiny_cfg(tmp_path, "training.epochs=3", "augment.tta=flip", "run.keep_every_epoch=true",
+                             "training.label_smoothing=0.1"), [SMOKE])
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    data = build_datasets(cfg["data"], seed=cfg["run"]["seed"])
+    history = read_history(run_dir)
+    assert [int(r["epoch"]) for r in history] == [1, 2, 3]
+    loss_fn = keras.losses.BinaryCrossentropy(label_smoothing=0.1, reduction=None)
+    for row in history:
+        model = keras.models.load_model(run_dir / "checkpoints" / f"epoch_00{row['epoch']}.keras")
+        labels, averaged = [], []
+        for images, y in data.val:
+            averaged.append((model.predict_on_batch(images) + model.predict_on_batch(tf.reverse(images, [2]))) / 2)
+            labels.append(y.numpy().reshape(-1, 1))
+        labels, averaged = np.concatenate(labels), np.concatenate(averaged)
+        assert float(row["val_accuracy"]) == pytest.approx(np.mean((averaged > 0.5) == labels), abs=1e-6)
+        assert float(row["val_loss"]) == pytest.approx(float(np.mean(loss_fn(labels, averaged))), rel=1e-4)
+        # Not the plain figure: the mirror images changed the loss.
+        plain_loss, _ = model.evaluate(data.val, verbose=0)
+        assert float(row["val_loss"]) != pytest.approx(plain_loss, rel=1e-4)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["best_epoch"] == int(np.argmax([float(r["val_accuracy"]) for r in history])) + 1
+    # evaluate.py scores the run the way it validated, unless told otherwise.
+    from cnnlab.evaluation import evaluate
+
+    scored = evaluate(run=str(run_dir), split="val", out=str(tmp_path / "eval"))
+    assert scored["tta"] is True and scored["accuracy"] == pytest.approx(metrics["val_accuracy"], abs=1e-6)
+    assert evaluate(run=str(run_dir), split="val", out=str(tmp_path / "plain"), tta=False)["tta"] is False
+
+
 def test_dry_run_prints_the_model_and_writes_nothing(tmp_path):
     proc = run_cli("train.py", "--config", SMOKE, "--set", f"run.dir={tmp_path}/runs", "--dry-run", timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

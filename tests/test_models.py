@@ -220,10 +220,10 @@ def test_small_data_configs_build_and_separable_keeps_under_a_fifth_of_the_stand
     assert macs["separable"] <= macs["standard"] / 5, macs
 
 
-def test_stage_pooling_drops_an_odd_maps_last_row_and_column_so_the_pointwise_config_leaves_its_3x3_map_whole(
+def test_stage_pooling_drops_an_odd_maps_last_row_and_column_and_the_pointwise_config_leaves_its_last_map_whole(
         tmp_path):
     # defaults.yaml warns that 2x2 pooling loses an odd map's last row and column; the pointwise small-data config
-    # relies on that warning by not pooling its last (3x3) stage.
+    # does not pool its last stage, so the head averages the whole map.
     inputs = keras.Input((3, 3, 1))
     pool = keras.Model(inputs, stage_end(inputs, "max", 0.0, name="s"))
     grid = np.zeros((1, 3, 3, 1), "float32")
@@ -236,7 +236,7 @@ def test_stage_pooling_drops_an_odd_maps_last_row_and_column_so_the_pointwise_co
 
     cfg = config.resolve([str(REPO / "configs/small_data/pointwise.yaml")], [f"data.path={tmp_path}"])
     net = family_network(build_model(cfg, 2))
-    assert tuple(net.get_layer("head_pool").input.shape[1:3]) == (3, 3)
+    assert tuple(net.get_layer("head_pool").input.shape[1:3]) == (4, 4)  # 128x128 crops: 64 after the stem, 4 x 2x2
 
 
 def test_report_cli_prints_one_table_for_several_configs():

@@ -138,7 +138,8 @@ def score_epochs(run_dir: Path, epochs: list[int]) -> dict[int, float]:
     epochs whose checkpoint is there."""
     import yaml
 
-    from cnnlab.evaluation import flip_tta, predict_split
+    from cnnlab.config import flip_tta
+    from cnnlab.evaluation import predict_split
     from cnnlab.runs import load_checkpoint
     from cnnlab.training import training_phases
 

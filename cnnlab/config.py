@@ -401,6 +401,11 @@ def _stage_epochs(progressive: dict) -> list[int]:
     return epochs if isinstance(epochs, list) else [epochs] * len(progressive["sizes"])
 
 
+def flip_tta(cfg: dict) -> bool:
+    """Whether a config asks for flip test-time augmentation (`augment.tta: flip`)."""
+    return cfg["augment"]["tta"] == "flip"
+
+
 def progressive_stages(training_cfg: dict) -> list[tuple[int | list, int]]:
     """The early stages of a validated `training.progressive` as (size, epochs) pairs; [] when it is off."""
     progressive = training_cfg["progressive"]

@@ -57,11 +57,6 @@ def class_probabilities(outputs: np.ndarray) -> np.ndarray:
     return np.concatenate([1 - outputs, outputs], axis=1) if outputs.shape[1] == 1 else outputs
 
 
-def flip_tta(cfg: dict) -> bool:
-    """Whether a config asks for flip test-time augmentation (`augment.tta: flip`)."""
-    return cfg["augment"]["tta"] == "flip"
-
-
 def predict_batch(model: keras.Model, images: np.ndarray | tf.Tensor, tta: bool = False) -> np.ndarray:
     """(N, C) probabilities for a batch of [0, 255] images; with `tta`, averaged with the horizontal mirror."""
     probs = class_probabilities(model.predict_on_batch(images))
@@ -330,7 +325,7 @@ def evaluate(*, run: str | None = None, checkpoint: str | None = None, config_fi
             raise UserError(f"--checkpoint: {ckpt} is not inside a run directory; pass --config FILE to say how to "
                             "read the data.")
     model = load_checkpoint(ckpt)
-    tta = flip_tta(cfg) if tta is None else tta
+    tta = config_lib.flip_tta(cfg) if tta is None else tta
     preds, split = predict_split(model, cfg, split, tta)
     metrics = compute_metrics(preds.labels, preds.probs, preds.class_names)
     metrics.update({

@@ -569,7 +569,7 @@ def _train_in(cfg: dict, data: Datasets, run_dir: Path, out_dir: Path, state: di
     if cfg["runtime"]["log_kernel_images"]:
         callbacks.insert(1, KernelImages(out_dir / "logs" / "kernels"))
     progressive = any(phase["size"] is not None for phase in phases)
-    flip_validation = cfg["augment"]["tta"] == "flip"
+    flip_validation = config_lib.flip_tta(cfg)
     jit_compile = resolve_jit(cfg["runtime"]["jit_compile"])
     for index, phase in enumerate(phases):
         if state["epoch"] >= phase["end"]:

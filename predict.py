@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import yaml
 
+    from cnnlab.config import flip_tta
     from cnnlab.errors import UserError
     from cnnlab.evaluation import image_files, num_model_classes, predict_files
     from cnnlab.runs import checkpoint_path, load_checkpoint
@@ -43,9 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     n = num_model_classes(model)
     run_dir = ckpt.parent.parent  # a checkpoint inside a run knows its class names and how it was validated
     metrics = run_dir / "metrics.json"
-    saved = run_dir / "config.yaml"  # read as saved: predicting needs none of the run's data at hand
-    tta = args.tta if args.tta is not None else (
-        saved.is_file() and (yaml.safe_load(saved.read_text()).get("augment") or {}).get("tta") == "flip")
+    saved = run_dir / "config.yaml"
+    tta = args.tta if args.tta is not None else saved.is_file() and flip_tta(yaml.safe_load(saved.read_text()))
     if args.class_names:
         class_names = [c.strip() for c in args.class_names.split(",")]
     elif metrics.is_file() and "class_names" in json.loads(metrics.read_text()):

@@ -402,8 +402,9 @@ def _stage_epochs(progressive: dict) -> list[int]:
 
 
 def flip_tta(cfg: dict) -> bool:
-    """Whether a config asks for flip test-time augmentation (`augment.tta: flip`)."""
-    return cfg["augment"]["tta"] == "flip"
+    """Whether a config asks for flip test-time augmentation (`augment.tta: flip`): a resolved config, or a run's
+    config.yaml as saved (read without resolving, which would need the run's data at hand; older runs lack the key)."""
+    return (cfg.get("augment") or {}).get("tta") == "flip"
 
 
 def progressive_stages(training_cfg: dict) -> list[tuple[int | list, int]]:

@@ -236,7 +236,8 @@ def test_stage_pooling_drops_an_odd_maps_last_row_and_column_and_the_pointwise_c
 
     cfg = config.resolve([str(REPO / "configs/small_data/pointwise.yaml")], [f"data.path={tmp_path}"])
     net = family_network(build_model(cfg, 2))
-    assert tuple(net.get_layer("head_pool").input.shape[1:3]) == (4, 4)  # 144x144 crops: 72 after the stem, 36, 18, 9, 4
+    # 144x144 crops: 72 after the stem, then 36, 18, 9 and 4 after the first four stages' pooling
+    assert tuple(net.get_layer("head_pool").input.shape[1:3]) == (4, 4)
 
 
 def test_report_cli_prints_one_table_for_several_configs():

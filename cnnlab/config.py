@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import os
 import re
 from pathlib import Path
@@ -55,6 +56,22 @@ def load_defaults() -> dict:
     """Returns a fresh copy of the defaults from `configs/defaults.yaml`."""
     with open(DEFAULTS_FILE) as f:
         return _load_yaml(f)
+
+
+def leaf_keys() -> dict[str, list[str]]:
+    """Each key name of the defaults (`epochs`) with the dotted keys that end in it, shallowest only
+    (`["training.epochs"]`, not `training.fine_tune.epochs`): what a user most likely meant by `--epochs`."""
+    found: dict[str, list[str]] = {}
+
+    def walk(section: dict, prefix: str) -> None:
+        for key, value in section.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                found.setdefault(key, []).append(f"{prefix}{key}")
+
+    walk(load_defaults(), "")
+    return {k: [d for d in v if d.count(".") == min(x.count(".") for x in v)] for k, v in found.items()}
 
 
 def _read_yaml(path: str) -> dict:
@@ -269,6 +286,8 @@ RULES: dict[str, Callable] = {
     "model.transfer.pooling": _choice("avg", "max"),
     "model.transfer.head_units": _int_at_least(0),
     "training.epochs": _int_at_least(1),
+    "training.time_budget": lambda v: None if v is None or (_is_num(v) and 0 < v < math.inf) else (
+        "a number of minutes > 0, or null"),
     "training.optimizer": _choice("adam", "adamw", "sgd", "rmsprop"),
     "training.learning_rate": _positive_number,
     "training.schedule": _choice("constant", "cosine"),
@@ -347,11 +366,8 @@ def _check_cross_keys(cfg: dict, origins: dict) -> None:
         families = [k for k, v in model.items() if isinstance(v, dict)]
         fail("model.name", f"model.name must be one of {', '.join(families)}. Received: {model['name']!r}")
     data = cfg["data"]
-    if data["source"] == "folder":
-        if not data["path"]:
-            fail("data.source", "data.source is 'folder' but data.path is not set; pass --set data.path=DIR.")
-        if not os.path.isdir(data["path"]):
-            fail("data.path", f"data.path must be an existing folder. Received: {data['path']!r}")
+    if data["source"] == "folder" and not data["path"]:
+        fail("data.source", "data.source is 'folder' but data.path is not set; pass --set data.path=DIR.")
     if data["validation_split"] + data["test_split"] >= 1:
         fail("data.test_split", "data.validation_split + data.test_split must be < 1. "
              f"Received: {data['validation_split']} + {data['test_split']}")
@@ -363,10 +379,6 @@ def _check_cross_keys(cfg: dict, origins: dict) -> None:
         if not cfg["run"]["name"]:
             fail("run.name", "training on several machines needs an explicit run.name, so that every worker "
                  "agrees on the run directory; pass --set run.name=NAME.")
-    weights = model["transfer"]["weights"]
-    if model["name"] == "transfer" and weights not in (None, "imagenet") and not os.path.isfile(weights):
-        fail("model.transfer.weights", "model.transfer.weights must be 'imagenet', null or an existing weights "
-             f"file. Received: {weights!r}")
     if cfg["training"]["fine_tune"]["epochs"] and model["name"] != "transfer":
         fail("training.fine_tune.epochs", "training.fine_tune.epochs needs model.name: transfer (a pretrained "
              f"backbone to unfreeze). Received: {cfg['training']['fine_tune']['epochs']} with "
@@ -394,6 +406,26 @@ def _check_cross_keys(cfg: dict, origins: dict) -> None:
         ih, iw = as_size(data["image_size"])
         if h > ih or w > iw:
             fail("augment.crop", f"augment.crop must fit inside data.image_size {[ih, iw]}. Received: {crop!r}")
+
+
+def check_environment(cfg: dict) -> None:
+    """The checks of a config that need this machine: the data folder and a transfer weights file exist.
+
+    `resolve` checks only what the config says (keys, types, ranges), so a config can be printed, sized and dry-run
+    anywhere; the commands that read data or weights call this first.
+
+    Raises:
+        UserError: one line naming the key, the value and what to do.
+    """
+    data = cfg["data"]
+    if data["source"] == "folder" and not os.path.isdir(data["path"]):
+        raise UserError(f"data.path must be an existing folder. Received: {data['path']!r} (get the photos as the "
+                        "README's 'Train on cats vs dogs' says, or pass --set data.path=DIR)")
+    model = cfg["model"]
+    weights = model["transfer"]["weights"]
+    if model["name"] == "transfer" and weights not in (None, "imagenet") and not os.path.isfile(weights):
+        raise UserError("model.transfer.weights must be 'imagenet', null or an existing weights file. "
+                        f"Received: {weights!r}")
 
 
 def _stage_epochs(progressive: dict) -> list[int]:

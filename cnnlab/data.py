@@ -16,13 +16,11 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
 import socket
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from cnnlab.config import as_size
+from cnnlab.console import held_native_stderr
 from cnnlab.errors import UserError
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -252,22 +251,6 @@ def scan_cache_dir() -> Path:
     return Path(base) / "cnnlab" / "scans"
 
 
-@contextlib.contextmanager
-def _quiet_native_stderr():
-    """Silences file descriptor 2 for the duration: TensorFlow's C++ decoders log one line per broken file
-    ("Premature end of JPEG data") at a level its log settings do not hide, and the scan reports those files
-    itself, once."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 def scan_images(paths: list[str]) -> list[str]:
     """The files among `paths` that cannot be decoded as images, decoding each file once per change.
 
@@ -292,7 +275,9 @@ def scan_images(paths: list[str]) -> list[str]:
         ds = ds.map(lambda p: (p, tf.shape(tf.io.decode_image(tf.io.read_file(p), channels=3,
                                                                   expand_animations=False))),
                     num_parallel_calls=AUTOTUNE, deterministic=False).ignore_errors()
-        with _quiet_native_stderr():
+        # TensorFlow's decoders log a line per broken file ("Premature end of JPEG data") at a level its log
+        # settings do not hide; the scan reports those files itself, once.
+        with held_native_stderr():
             good = {p.decode() for p, _ in ds.as_numpy_iterator()}
         for p in todo:
             cache[p] = stamps[p] + [p in good]
@@ -343,6 +328,11 @@ def synthetic_images(n: int, image_size, num_classes: int, seed: int) -> tuple[n
     fg, bg = np.where(swap, dark, light), np.where(swap, light, dark)
     images = wave[..., None] * fg + (1 - wave[..., None]) * bg + rng.normal(0, 12, size=(n, h, w, 3))
     return np.clip(images, 0, 255).astype(np.uint8), labels
+
+
+def synthetic_class_names(num_classes: int) -> list[str]:
+    """The synthetic source's classes, named by their stripes' orientation."""
+    return [f"orientation_{round(c * 180 / num_classes)}deg" for c in range(num_classes)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -458,7 +448,7 @@ def source_splits(data_cfg: dict, seed: int,
             images, labels = synthetic_images(size, image_size, k, seed + 1000 * i)
             ids = [f"{split}#{j}" for j in range(size)]
             splits[split] = (tf.data.Dataset.from_tensor_slices((images, labels, ids)), size)
-        class_names = [f"orientation_{round(c * 180 / k)}deg" for c in range(k)]
+        class_names = synthetic_class_names(k)
     elif source == "folder":
         files, class_names = folder_files(data_cfg, seed, report.ignored)
         bad = set(scan_images([p for paths, _ in files.values() for p in paths]))
@@ -475,6 +465,27 @@ def source_splits(data_cfg: dict, seed: int,
     else:
         splits, class_names = _tfds_datasets(data_cfg, image_size, seed)
     return splits, class_names
+
+
+def class_names_at_hand(data_cfg: dict) -> list[str] | None:
+    """The class names the configured source will give, found without reading an image (for a dry run), or None
+    when that cannot be known here: a folder that does not exist, a TFDS dataset TFDS does not describe offline."""
+    source = data_cfg["source"]
+    if source == "synthetic":
+        return synthetic_class_names(data_cfg["synthetic_classes"])
+    if source == "folder":
+        root = data_cfg["path"]
+        if not root or not os.path.isdir(root):
+            return None
+        return _class_dirs(find_split_dirs(root).get("train", root)) or None
+    try:
+        import absl.logging
+        import tensorflow_datasets as tfds
+
+        absl.logging.set_verbosity(absl.logging.ERROR)  # TFDS warns about half-made data folders it will not use
+        return list(tfds.builder(data_cfg["name"], data_dir=data_cfg["data_dir"]).info.features["label"].names)
+    except Exception:  # an unknown name, a dataset without a label feature, a broken TFDS install
+        return None
 
 
 def build_datasets(data_cfg: dict, seed: int, augment_cfg: dict | None = None) -> Datasets:

@@ -25,7 +25,7 @@ from cnnlab import config as config_lib
 from cnnlab.config import as_size
 from cnnlab.data import IMAGE_EXTENSIONS, decode_and_resize, source_splits
 from cnnlab.errors import UserError
-from cnnlab.runs import checkpoint_path, load_checkpoint, run_config
+from cnnlab.runs import checkpoint_path, load_checkpoint, run_config, run_of_checkpoint
 
 WORST = 16  # how many confidently wrong images the mistakes plot shows
 
@@ -79,6 +79,7 @@ def check_compatible(model: keras.Model, image_size: tuple[int, int], num_classe
 def predict_split(model: keras.Model, cfg: dict, split: str, tta: bool = False) -> tuple[Predictions, str]:
     """Runs the model over one split of the config's data. Returns the predictions and the split used (a missing
     test split falls back to val)."""
+    config_lib.check_environment(cfg)
     splits, class_names = source_splits(cfg["data"], cfg["run"]["seed"])
     if split not in splits:
         if split != "test":
@@ -279,7 +280,8 @@ def write_evaluation(preds: Predictions, metrics: dict, out_dir: Path, title: st
         written += save_figure(plot_roc(preds, metrics, title), out_dir / "roc")
     written += save_figure(plot_worst_mistakes(preds, title), out_dir / "worst_mistakes")
     if history_csv is not None and history_csv.is_file():
-        written += save_figure(plot_training_curves(history_csv, title), out_dir / "training_curves")
+        curves_title = f"{history_csv.parent.name}: loss and accuracy per epoch, training and validation split"
+        written += save_figure(plot_training_curves(history_csv, curves_title), out_dir / "training_curves")
     return written
 
 
@@ -315,11 +317,10 @@ def evaluate(*, run: str | None = None, checkpoint: str | None = None, config_fi
         history = run_dir / "history.csv"
     else:
         ckpt = Path(checkpoint)
-        beside = ckpt.parent.parent / "config.yaml"  # a checkpoint inside a run directory knows its config
         if config_files:
             cfg = config_lib.resolve(list(config_files), list(overrides))
-        elif beside.is_file():
-            run_dir = ckpt.parent.parent
+        elif run_of_checkpoint(ckpt) is not None:  # a checkpoint inside a run directory knows its config
+            run_dir = run_of_checkpoint(ckpt)
             cfg = run_config(run_dir, overrides)
         else:
             raise UserError(f"--checkpoint: {ckpt} is not inside a run directory; pass --config FILE to say how to "

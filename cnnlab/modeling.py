@@ -103,6 +103,15 @@ def build_model(cfg: dict, num_classes: int, size=None, seed: int | None = None)
     return keras.Model(inputs, net(x), name=f"{name}_with_augmentation")
 
 
+def without_pretrained_weights(cfg: dict) -> dict:
+    """The config with a transfer backbone's weights set to random, for reports of size and cost that must not
+    download or read weights (they do not depend on them); the config itself when it has no pretrained weights."""
+    if cfg["model"]["name"] != "transfer" or cfg["model"]["transfer"]["weights"] is None:
+        return cfg
+    model_cfg = {**cfg["model"], "transfer": {**cfg["model"]["transfer"], "weights": None}}
+    return {**cfg, "model": model_cfg}
+
+
 def family_network(model: keras.Model) -> keras.Model:
     """The family network inside a model built by `build_model` (the model itself when it has no augmentation)."""
     nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]

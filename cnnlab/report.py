@@ -175,13 +175,11 @@ def compare_configs(config_files: list[str], overrides: list[str], num_classes: 
     from pathlib import Path
 
     from cnnlab.config import resolve
-    from cnnlab.modeling import build_model, family_network
+    from cnnlab.modeling import build_model, family_network, without_pretrained_weights
 
     models, sizes, parts = {}, set(), []
     for path in config_files:
-        cfg = resolve([path], overrides)
-        if cfg["model"]["name"] == "transfer":
-            cfg["model"]["transfer"]["weights"] = None  # costs do not depend on the weights; skip the download
+        cfg = without_pretrained_weights(resolve([path], overrides))
         model = family_network(build_model(cfg, num_classes))
         models[Path(path).stem] = model
         sizes.add(tuple(model.input_shape[1:3]))

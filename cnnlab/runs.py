@@ -18,6 +18,12 @@ def run_config(run_dir: str | Path, overrides: list[str] = ()) -> dict:
     return config_lib.resolve([], list(overrides), base=config_lib.resolve([str(saved)]))
 
 
+def run_of_checkpoint(checkpoint: str | Path) -> Path | None:
+    """The run directory a checkpoint file sits in (`RUN/checkpoints/x.keras`), or None for a file elsewhere."""
+    run_dir = Path(checkpoint).parent.parent
+    return run_dir if Path(checkpoint).parent.name == "checkpoints" and (run_dir / "config.yaml").is_file() else None
+
+
 def checkpoint_path(run_dir: str | Path, which: str = "best") -> Path:
     """`checkpoints/<which>.keras` of a run; a missing one is a UserError."""
     path = Path(run_dir) / "checkpoints" / f"{which}.keras"

@@ -36,10 +36,13 @@ from pathlib import Path
 import keras
 
 from cnnlab import config as config_lib
-from cnnlab.data import Datasets, build_datasets
+from cnnlab.budget import EpochLine, TimeBudget, plan_for
+from cnnlab.config import as_size
+from cnnlab.console import describe_devices
+from cnnlab.data import Datasets, build_datasets, class_names_at_hand
 from cnnlab.errors import TrainingError, UserError
 from cnnlab.modeling import (build_model, model_input_size, network_input_size, resize_model,
-                              stage_image_size)
+                              stage_image_size, without_pretrained_weights)
 from cnnlab.report import format_report, model_report
 from cnnlab.runtime import enable_memory_growth, make_strategy, resolve_jit, set_precision, set_seed
 
@@ -158,21 +161,28 @@ def find_run_for_resume(resume: str | bool, cfg: dict) -> Path:
 # Optimizer and compile
 
 
-def make_optimizer(training_cfg: dict, steps_per_epoch: int) -> keras.optimizers.Optimizer:
-    """The optimizer and learning-rate schedule of a `training` config section."""
+def lr_schedule(training_cfg: dict, steps_per_epoch: int) -> keras.optimizers.schedules.LearningRateSchedule | float:
+    """The learning rate of a `training` config section over optimizer steps: warmup, then constant or cosine."""
     lr = training_cfg["learning_rate"]
     total = training_cfg["epochs"] * steps_per_epoch
     warmup = min(training_cfg["warmup_epochs"] * steps_per_epoch, max(total - 1, 0))
     if training_cfg["schedule"] == "cosine":
         if warmup:
-            schedule = keras.optimizers.schedules.CosineDecay(
+            return keras.optimizers.schedules.CosineDecay(
                 0.0, decay_steps=max(total - warmup, 1), warmup_target=lr, warmup_steps=warmup)
-        else:
-            schedule = keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(total, 1))
-    elif warmup:
-        schedule = keras.optimizers.schedules.PolynomialDecay(0.0, warmup, end_learning_rate=lr, power=1.0)
-    else:
-        schedule = lr
+        return keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(total, 1))
+    if warmup:
+        return keras.optimizers.schedules.PolynomialDecay(0.0, warmup, end_learning_rate=lr, power=1.0)
+    return lr
+
+
+def make_optimizer(training_cfg: dict, steps_per_epoch: int, budgeted: bool = False) -> keras.optimizers.Optimizer:
+    """The optimizer and learning-rate schedule of a `training` config section.
+
+    With `budgeted`, the learning rate is a plain variable that `cnnlab.budget.TimeBudget` sets before every step
+    from the time spent, instead of a schedule over the optimizer's step count.
+    """
+    schedule = float(training_cfg["learning_rate"]) if budgeted else lr_schedule(training_cfg, steps_per_epoch)
     name = training_cfg["optimizer"]
     wd = training_cfg["weight_decay"]
     ema = training_cfg["ema"]
@@ -203,10 +213,10 @@ def loss_and_metrics(training_cfg: dict, num_classes: int) -> tuple[keras.losses
 
 
 def compile_model(model: keras.Model, training_cfg: dict, num_classes: int, steps_per_epoch: int,
-                  jit_compile: bool | str = "auto") -> None:
+                  jit_compile: bool | str = "auto", budgeted: bool = False) -> None:
     """Compiles with the optimizer of `training_cfg` and the loss and accuracy of `loss_and_metrics`."""
     loss, metrics = loss_and_metrics(training_cfg, num_classes)
-    model.compile(optimizer=make_optimizer(training_cfg, steps_per_epoch), loss=loss, metrics=metrics,
+    model.compile(optimizer=make_optimizer(training_cfg, steps_per_epoch, budgeted), loss=loss, metrics=metrics,
                   jit_compile=jit_compile)
 
 
@@ -214,22 +224,23 @@ def training_phases(cfg: dict) -> list[dict]:
     """The phases of a run: `train` for training.epochs, then `fine_tune` when training.fine_tune.epochs > 0.
 
     Each phase has its own `training` section (epochs counted within the phase, learning rate), the epoch at which
-    it ends, counting from the start of the run, and the network input `size` it trains at (None: the config's
-    own). Progressive resizing (`training.progressive`) splits `train` into stages at growing sizes; they share
+    it ends, counting from the start of the run, the epoch at which its learning-rate schedule `start`s, and the
+    network input `size` it trains at (None: the config's own). Progressive resizing (`training.progressive`) splits `train` into stages at growing sizes; they share
     one optimizer and one learning-rate schedule, as a single phase does.
     """
     training_cfg = cfg["training"]
     phases, start = [], 0
     for size, epochs in config_lib.progressive_stages(training_cfg):
         start += epochs
-        phases.append({"name": "train", "training": training_cfg, "end": start, "size": size})
-    phases.append({"name": "train", "training": training_cfg, "end": training_cfg["epochs"], "size": None})
+        phases.append({"name": "train", "training": training_cfg, "start": 0, "end": start, "size": size})
+    phases.append({"name": "train", "training": training_cfg, "start": 0, "end": training_cfg["epochs"],
+                   "size": None})
     fine_tune = training_cfg["fine_tune"]
     if fine_tune["epochs"]:
         tuned = {**training_cfg, "epochs": fine_tune["epochs"], "learning_rate": fine_tune["learning_rate"],
                  "warmup_epochs": 0}
-        phases.append({"name": "fine_tune", "training": tuned, "end": training_cfg["epochs"] + fine_tune["epochs"],
-                       "size": None})
+        phases.append({"name": "fine_tune", "training": tuned, "start": training_cfg["epochs"],
+                       "end": training_cfg["epochs"] + fine_tune["epochs"], "size": None})
     return phases
 
 
@@ -295,6 +306,11 @@ class RunCheckpoint(keras.callbacks.Callback):
         if self._train_start is None:
             self._train_start = time.perf_counter()
 
+    def elapsed(self) -> float:
+        """Seconds of training in this run so far, earlier processes of a resumed run included."""
+        running = time.perf_counter() - self._train_start if self._train_start is not None else 0.0
+        return self._elapsed_before + running
+
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_start = time.perf_counter()
         self._epoch = epoch
@@ -320,7 +336,7 @@ class RunCheckpoint(keras.callbacks.Callback):
         row.update({k: float(v) for k, v in logs.items() if k != "learning_rate"})
         row["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         row["epoch_seconds"] = round(now - self._epoch_start, 3)
-        row["elapsed_seconds"] = round(self._elapsed_before + now - self._train_start, 3)
+        row["elapsed_seconds"] = round(self.elapsed(), 3)
 
         save_model_atomic(self.model, self.ckpt_dir / "last.keras")
         if self.keep_every_epoch:
@@ -431,17 +447,33 @@ class KernelImages(keras.callbacks.Callback):
 # Entry points
 
 
-def describe(cfg: dict, data: Datasets, model: keras.Model) -> str:
-    """The dry-run summary: the data, then the model layer by layer with parameters, MACs and receptive field."""
-    lines = [
-        f"Data: {cfg['data']['source']}  classes={data.class_names}  train={data.num_train}  val={data.num_val}"
-        f"  test={data.num_test}  image_size={list(data.image_size)}  batch_size={cfg['data']['batch_size']}",
-    ]
-    lines.append(f"Model: {model.name}")
+def describe(cfg: dict) -> str:
+    """The dry-run summary, built without reading the data or the network: where the data would come from, then the
+    model layer by layer with parameters, MACs and receptive field.
+
+    The head is built for the classes the data will give when they can be known here (`class_names_at_hand`),
+    else for 2, and a transfer backbone gets random weights (costs do not depend on them); both are said.
+    """
+    data_cfg = cfg["data"]
+    class_names = class_names_at_hand(data_cfg)
+    source = {"folder": f"folder {data_cfg['path']}", "tfds": f"tfds {data_cfg['name']}",
+              "synthetic": f"synthetic, {data_cfg['synthetic_size']} training images"}[data_cfg["source"]]
+    classes = (f"classes={class_names}" if class_names else
+               "classes: not known here (the data is not at hand), so the head is built for 2")
+    lines = [f"Data: {source}  {classes}  image_size={list(as_size(data_cfg['image_size']))}"
+             f"  batch_size={data_cfg['batch_size']}"]
+    costed = without_pretrained_weights(cfg)
+    model = build_model(costed, len(class_names) if class_names else 2)
+    lines.append(f"Model: {model.name}" + ("  (backbone built with random weights for this report: costs do not "
+                                           "depend on them)" if costed is not cfg else ""))
     lines.append(format_report(model_report(model)))
     trainable = sum(int(keras.ops.size(w)) for w in model.trainable_weights)
     total = sum(int(keras.ops.size(w)) for w in model.weights)
     lines.append(f"Parameters: {total:,} ({trainable:,} trainable)")
+    budget = cfg["training"]["time_budget"]
+    if budget:
+        lines.append(f"Time budget: {budget:g} min (the plan's {training_phases(cfg)[-1]['end']} epochs are shares "
+                     "of it)")
     return "\n".join(lines)
 
 
@@ -507,19 +539,22 @@ def train(cfg: dict, config_files: list[str], *, resume: str | bool | None = Non
         config_files: the config files it came from; the first one names the run by default.
         resume: a run directory to continue, or True to continue the run `run.dir/run.name`.
         overwrite: replace an existing run directory of the same explicit `run.name`.
-        dry_run: build the data pipeline and model, print them, and return None without training.
+        dry_run: build the model, print its per-layer report, and return None without reading the data.
     """
     runtime = cfg["runtime"]
+    if not dry_run:
+        config_lib.check_environment(cfg)
     enable_memory_growth()
     dist = make_strategy(runtime["strategy"])  # first: multi-worker collectives must start before other TF work
     set_seed(cfg["run"]["seed"], runtime["deterministic"])
     precision = set_precision(runtime["precision"])
-    data = build_datasets(cfg["data"], seed=cfg["run"]["seed"], augment_cfg=cfg["augment"])
-    print(f"Strategy: {dist.description}; precision: {precision}; global batch {cfg['data']['batch_size']}.")
+    print(f"Running on {describe_devices()}; strategy: {dist.description}; precision: {precision}; "
+          f"global batch {cfg['data']['batch_size']}.", flush=True)
     if dry_run:
         with dist.strategy.scope():
-            print(describe(cfg, data, build_model(cfg, data.num_classes)))
+            print(describe(cfg))
         return None
+    data = build_datasets(cfg["data"], seed=cfg["run"]["seed"], augment_cfg=cfg["augment"])
 
     if resume:
         run_dir = find_run_for_resume(resume, cfg)
@@ -548,10 +583,13 @@ def _train_in(cfg: dict, data: Datasets, run_dir: Path, out_dir: Path, state: di
 
     phases = training_phases(cfg)
     total_epochs = phases[-1]["end"]
+    budget_s = cfg["training"]["time_budget"] * 60 if cfg["training"]["time_budget"] else None
     last = run_dir / "checkpoints" / "last.keras"
     if state["epoch"] and last.exists():
         model = keras.models.load_model(last)
-        print(f"Resuming {run_dir} after epoch {state['epoch']} of {total_epochs}.")
+        print(f"Resuming {run_dir} after epoch {state['epoch']}"
+              + (f" ({state['history'][-1]['elapsed_seconds'] / 60:.1f} of {budget_s / 60:g} min)." if budget_s
+                 else f" of {total_epochs}."))
     else:
         state = fresh_state()  # killed before its first epoch ended: start over in the same directory
         model = build_model(cfg, data.num_classes)
@@ -571,19 +609,34 @@ def _train_in(cfg: dict, data: Datasets, run_dir: Path, out_dir: Path, state: di
     progressive = any(phase["size"] is not None for phase in phases)
     flip_validation = config_lib.flip_tta(cfg)
     jit_compile = resolve_jit(cfg["runtime"]["jit_compile"])
+
+    def network_size(phase: dict) -> tuple[int, int]:
+        return as_size(phase["size"]) if phase["size"] is not None else model_input_size(cfg)
+
+    plan = plan_for(phases, model_input_size(cfg), network_size) if budget_s else None
+    if budget_s and not state["epoch"]:
+        print(f"Time budget: {budget_s / 60:g} min; the plan's {total_epochs} epochs are shares of it.", flush=True)
+
+    def phase_done(phase: dict) -> bool:
+        if budget_s is None:
+            return state["epoch"] >= phase["end"]
+        spent = checkpoint.elapsed()
+        return spent >= budget_s or plan.position(spent / budget_s) >= phase["end"]
+
     for index, phase in enumerate(phases):
-        if state["epoch"] >= phase["end"]:
+        if phase_done(phase):
             continue
         entering = state.get("phase") != phase["name"]
         previous = None if entering else model.optimizer
-        size = config_lib.as_size(phase["size"]) if phase["size"] is not None else model_input_size(cfg)
+        size = network_size(phase)
         if network_input_size(model) != size:
             # A progressive-resizing stage: the same weights in the model built for this size. Its augmentation
             # gets a seed of its own, so that stages do not replay the first stage's random crops.
             model = resize_model(model, cfg, data.num_classes, size=phase["size"], seed=cfg["run"]["seed"] + index)
         if progressive and phase["name"] == "train":
             resized = "x".join(map(str, stage_image_size(cfg, size)))
-            print(f"Epochs {state['epoch'] + 1}-{phase['end']}: network input {size[0]}x{size[1]}"
+            epochs = f"From epoch {state['epoch'] + 1}" if budget_s else f"Epochs {state['epoch'] + 1}-{phase['end']}"
+            print(f"{epochs}: network input {size[0]}x{size[1]}"
                   + (f" (images resized to {resized} first)." if phase["size"] is not None else "."), flush=True)
         if entering and phase["name"] == "fine_tune":
             unfrozen = unfreeze_for_fine_tuning(model, cfg["training"]["fine_tune"]["unfreeze"])
@@ -592,7 +645,8 @@ def _train_in(cfg: dict, data: Datasets, run_dir: Path, out_dir: Path, state: di
         # Entering a phase starts a fresh optimizer. Resuming inside one, or moving to the next progressive-resizing
         # stage, rebuilds it from the current config (which may add epochs or change the learning rate) and carries
         # the step count and moments over, so the learning-rate schedule runs on.
-        compile_model(model, phase["training"], data.num_classes, data.steps_per_epoch, jit_compile=jit_compile)
+        compile_model(model, phase["training"], data.num_classes, data.steps_per_epoch, jit_compile=jit_compile,
+                      budgeted=budget_s is not None)
         if previous is not None:
             carry_optimizer_state(previous, model)
         state["phase"] = phase["name"]
@@ -607,15 +661,24 @@ def _train_in(cfg: dict, data: Datasets, run_dir: Path, out_dir: Path, state: di
             at = 1 if phase["training"]["ema"] else 0
             validate = FlipValidation(data.val, phase["training"], data.num_classes, jit_compile)
             phase_callbacks = [*phase_callbacks[:at], validate, *phase_callbacks[at:]]
+        epochs, verbose, timer = phase["end"], 1 if sys.stdout.isatty() else 2, None
+        if budget_s:
+            # Time, not an epoch count, ends a budgeted phase: fit() gets room for more epochs than any machine
+            # fits, and the run prints its own line per epoch (Keras's would count towards that cap).
+            timer = TimeBudget(plan, budget_s, checkpoint.elapsed, lr_schedule(phase["training"], data.steps_per_epoch),
+                               phase["start"], data.steps_per_epoch, phase["end"])
+            phase_callbacks = [*phase_callbacks, timer, EpochLine(budget_s, checkpoint.elapsed)]
+            epochs, verbose = state["epoch"] + 100_000, 0
         with warnings.catch_warnings(), stop_on_first_interrupt(checkpoint):
             # Folder pipelines skip undecodable files, so their length is unknown until the first epoch ends; Keras
             # then warns that the input "ran out of data", which is exactly how it learns the epoch length.
             warnings.filterwarnings("ignore", message="Your input ran out of data")
-            model.fit(data.train, validation_data=None if flip_validation else data.val, epochs=phase["end"],
-                      initial_epoch=state["epoch"], callbacks=phase_callbacks, shuffle=False,
-                      verbose=1 if sys.stdout.isatty() else 2)
+            model.fit(data.train, validation_data=None if flip_validation else data.val, epochs=epochs,
+                      initial_epoch=state["epoch"], callbacks=phase_callbacks, shuffle=False, verbose=verbose)
         if checkpoint.stop_reason:
             raise_stop(checkpoint, run_dir, cfg)
+        if timer is not None and timer.spent:
+            break
     best = state["best_val_accuracy"]
     best_text = f"{best:.4f} (epoch {state['best_epoch']})" if best is not None else "n/a"
     print(f"Run directory: {run_dir}  best val_accuracy: {best_text}")

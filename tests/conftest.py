@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,12 +25,21 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+# The start-up lines TensorFlow's C++ runtime writes to stderr before its log settings apply.
+TF_NOISE = re.compile(r"^(I0000|W0000|E0000|WARNING: All log messages)", re.M)
+
+
 def run_cli(*args: str, timeout: float = 300, cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Runs `python <args>` in the repo root and returns the finished process (text output)."""
-    return subprocess.run(
-        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
+    """Runs `python <args>` in the repo root and returns the finished process (text output).
+
+    Every run of one of the project's tools (a script, not `-c`) is also checked for a quiet start: no TensorFlow
+    start-up line in its output unless it was asked for with --verbose or CNNLAB_VERBOSE.
+    """
+    env = {**os.environ, **(env or {})}
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    if args[0].endswith(".py") and "--verbose" not in args and env.get("CNNLAB_VERBOSE", "") in ("", "0"):
+        assert not TF_NOISE.findall(proc.stdout + proc.stderr), (args, proc.stderr[-2000:])
+    return proc
 
 
 def run_cli_in_process(capsys, script: str, *args: str) -> subprocess.CompletedProcess:

@@ -7,7 +7,7 @@ import yaml
 
 from cnnlab import config
 from cnnlab.errors import UserError
-from tests.conftest import REPO, assert_user_error, run_cli
+from tests.conftest import REPO, assert_user_error, run_cli_in_process
 
 
 def write(tmp_path: Path, name: str, data: dict) -> str:
@@ -95,11 +95,29 @@ def test_unknown_nested_key_in_a_file_suggests_the_closest(tmp_path):
         config.resolve([bad])
 
 
-def test_folder_source_needs_an_existing_path(tmp_path):
+def test_folder_source_needs_a_path_and_only_the_machine_check_needs_it_to_exist(tmp_path):
     with pytest.raises(UserError, match="data.path is not set"):
         config.resolve([], ["data.source=folder"])
+    cfg = config.resolve([], ["data.source=folder", f"data.path={tmp_path / 'missing'}"])  # a config is just text
     with pytest.raises(UserError, match="data.path must be an existing folder"):
-        config.resolve([], ["data.source=folder", f"data.path={tmp_path / 'missing'}"])
+        config.check_environment(cfg)
+    (tmp_path / "missing").mkdir()
+    config.check_environment(cfg)
+
+
+def test_a_transfer_weights_file_is_checked_on_the_machine_not_in_the_config(tmp_path):
+    cfg = config.resolve([str(REPO / "configs/cats_vs_dogs_vgg16.yaml")],
+                         [f"model.transfer.weights={tmp_path / 'w.h5'}"])
+    with pytest.raises(UserError, match="model.transfer.weights must be 'imagenet', null or an existing"):
+        config.check_environment(cfg)
+    (tmp_path / "w.h5").write_bytes(b"")
+    config.check_environment(cfg)
+
+
+@pytest.mark.parametrize("value", [0, -1, ".inf", "ten"])
+def test_time_budget_must_be_a_positive_number_of_minutes(value):
+    with pytest.raises(UserError, match="training.time_budget must be a number of minutes > 0, or null"):
+        config.resolve([], [f"training.time_budget={value}"])
 
 
 def test_resume_dir_without_config_is_refused(tmp_path):
@@ -120,18 +138,22 @@ def test_resume_dir_without_config_is_refused(tmp_path):
         ([], ["give --config FILE"]),
     ],
 )
-def test_train_cli_rejects_bad_input_with_one_line_and_exit_2(args, fragments):
-    assert_user_error(run_cli("train.py", *args, timeout=60), *fragments)
+def test_train_cli_rejects_bad_input_with_one_line_and_exit_2(args, fragments, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert_user_error(run_cli_in_process(capsys, "train.py", *args), *fragments)
 
 
-def test_train_cli_rejects_invalid_yaml_with_its_line(tmp_path):
+def test_train_cli_rejects_invalid_yaml_with_its_line(tmp_path, capsys):
     bad = tmp_path / "broken.yaml"
     bad.write_text("data:\n  batch_size: [1, 2\n")
-    assert_user_error(run_cli("train.py", "--config", str(bad), timeout=60), "broken.yaml: not valid YAML", "line")
+    assert_user_error(run_cli_in_process(capsys, "train.py", "--config", str(bad)), "broken.yaml: not valid YAML",
+                      "line")
 
 
-def test_print_config_prints_the_resolved_config():
-    proc = run_cli("train.py", "--config", "configs/smoke.yaml", "--set", "training.epochs=2", "--print-config")
+def test_print_config_prints_the_resolved_config(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    proc = run_cli_in_process(capsys, "train.py", "--config", "configs/smoke.yaml", "--set", "training.epochs=2",
+                              "--print-config")
     assert proc.returncode == 0, proc.stderr
     printed = yaml.safe_load(proc.stdout)
     assert printed == config.resolve([str(REPO / "configs/smoke.yaml")], ["training.epochs=2"])

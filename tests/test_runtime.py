@@ -58,7 +58,7 @@ def test_mirrored_over_two_cpu_devices_matches_the_single_device_loss(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         epochs[strategy] = history(tmp_path / strategy)[0]
         if strategy == "mirrored":
-            assert "Strategy: mirrored over 2 devices" in proc.stdout
+            assert "strategy: mirrored over 2 devices" in proc.stdout
     for key in ("loss", "val_loss", "val_accuracy"):
         assert float(epochs["mirrored"][key]) == pytest.approx(float(epochs["default"][key]), rel=1e-4), key
 

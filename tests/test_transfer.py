@@ -115,7 +115,7 @@ def test_two_phase_training_run_uses_the_fine_tune_learning_rate(tmp_path):
 
     rows = list(csv.DictReader(open(run_dir / "history.csv")))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
-    assert float(rows[0]["learning_rate"]) == pytest.approx(0.01)
+    assert float(rows[0]["learning_rate"]) == pytest.approx(cfg["training"]["learning_rate"])
     assert float(rows[1]["learning_rate"]) == pytest.approx(0.0002)
     last = keras.models.load_model(run_dir / "checkpoints" / "last.keras")
     assert [layer.name for layer in find_backbone(last).layers if layer.trainable and layer.weights] == [

@@ -1,0 +1,67 @@
+"""What the command-line tools print: TensorFlow's native start-up log held back, and one line on the hardware.
+
+TensorFlow's C++ runtime writes lines such as `E0000 ... failed call to cuInit` straight to file descriptor 2 while it
+loads and probes for GPUs, before its logging settings (TF_CPP_MIN_LOG_LEVEL) take effect. On a CPU machine they
+read like failures. The tools hold descriptor 2 while TensorFlow starts and show what was held only when asked
+(`--verbose`, or CNNLAB_VERBOSE=1) or when the start itself fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+
+VERBOSE_ENV = "CNNLAB_VERBOSE"
+
+
+@contextlib.contextmanager
+def held_native_stderr(release: bool = False):
+    """Points file descriptor 2 at a temporary file for the duration, so native code's writes to stderr are held.
+
+    Args:
+        release: write what was held to stderr afterwards. It is also written when the body raises, since it may
+            say why.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    failed = False
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if release or failed:
+                held.seek(0)
+                os.write(2, held.read())
+
+
+def verbose_requested(argv: list[str]) -> bool:
+    """`--verbose` on the command line, or CNNLAB_VERBOSE set to anything but empty or 0."""
+    return "--verbose" in argv or os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def start_tensorflow(verbose: bool = False) -> None:
+    """Imports TensorFlow and lets it find its devices with its native start-up lines held (shown if `verbose`)."""
+    with held_native_stderr(release=verbose):
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+
+
+def describe_devices() -> str:
+    """What TensorFlow computes on, in a few words: the GPUs by name, or the CPU and its core count."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return f"CPU ({os.cpu_count()} cores, no GPU found)"
+    names = [tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name) for gpu in gpus]
+    return f"{len(gpus)} GPU{'s' if len(gpus) > 1 else ''} ({', '.join(names)})"

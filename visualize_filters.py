@@ -5,7 +5,8 @@
     python visualize_filters.py --checkpoint model.keras --image dog.jpg
     python visualize_filters.py --config configs/cats_vs_dogs_vgg16.yaml --set model.transfer.weights=vgg16_notop.h5
 
-Figures go to RUN/figures/ for a run, else to ./figures/, as PNG (and SVG with --svg); each path is printed.
+Figures go to RUN/figures/ for a run (or a checkpoint inside one), else to ./figures/, as PNG (and SVG with --svg);
+each path is printed. Kernel tiles carry their filter numbers; feature maps share one colour scale.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from cnnlab.data import load_image, sample_image
     from cnnlab.errors import UserError
     from cnnlab.modeling import build_model
-    from cnnlab.runs import checkpoint_path, load_checkpoint, run_config
+    from cnnlab.runs import checkpoint_path, load_checkpoint, run_config, run_of_checkpoint
     from cnnlab import plots
     from cnnlab.visualize import write_filter_figures
 
@@ -52,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         name, out = Path(args.run).name, Path(args.out or Path(args.run) / "figures")
     elif args.checkpoint:
         model = load_checkpoint(args.checkpoint)
-        name, out = Path(args.checkpoint).stem, Path(args.out or "figures")
+        run_dir = run_of_checkpoint(args.checkpoint)
+        name = f"{run_dir.name}/{Path(args.checkpoint).stem}" if run_dir else Path(args.checkpoint).stem
+        out = Path(args.out or (run_dir / "figures" if run_dir else "figures"))
     else:
         cfg = resolve(args.config, args.overrides)
         model = build_model(cfg, num_classes=2)

@@ -125,6 +125,20 @@ def kernel_grid(kernel: np.ndarray, per_tile: bool = True, zoom: int = 8, max_fi
 # Figures
 
 
+def number_tiles(ax, n: int, tile_size: tuple[int, int], zoom: int = 8, gap: int = 1) -> None:
+    """Writes each tile's filter number in its top-left corner, on a grid laid out as `tile_grid` lays it out, so
+    that text can point at a filter ("#2")."""
+    columns = math.ceil(math.sqrt(n))
+    th, tw = tile_size[0] * zoom, tile_size[1] * zoom
+    for i in range(n):
+        r, c = divmod(i, columns)
+        ax.text(gap + c * (tw + gap) + 1, gap + r * (th + gap) + 1, str(i), fontsize=6, color="white",
+                va="top", ha="left", bbox={"boxstyle": "square,pad=0.1", "facecolor": "black", "alpha": 0.5,
+                                           "linewidth": 0})
+
+
+
+
 def _title(model_name: str, layer: layers.Layer, what: str) -> str:
     return f"{model_name} / {layer.name} ({type(layer).__name__}, kernel {'x'.join(map(str, layer_kernel(layer).shape))}): {what}"
 
@@ -138,6 +152,7 @@ def plot_kernels(layer: layers.Layer, model_name: str, per_tile: bool = True, ma
     n = min(kernel.shape[-1], max_filters)
     fig, ax = plt.subplots(figsize=(6, 6 * grid.shape[0] / grid.shape[1] + 0.6))
     ax.imshow(grid, interpolation="nearest")
+    number_tiles(ax, n, kernel.shape[:2])
     ax.set_axis_off()
     colour = "RGB" if kernel.shape[2] == 3 else f"mean over {kernel.shape[2]} input channels"
     title = _title(model_name, layer, f"{n} filters, {colour}, {'per-tile' if per_tile else 'global'} scale; gray = 0")
@@ -157,6 +172,7 @@ def plot_kernels_by_channel(layer: layers.Layer, model_name: str, per_tile: bool
     fig, axes = plt.subplots(1, c_in, figsize=(3.2 * c_in, 3.6), squeeze=False)
     for c, ax in enumerate(axes[0]):
         ax.imshow(tile_grid(scaled[..., c]), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        number_tiles(ax, scaled.shape[0], kernel.shape[:2])
         ax.set_title(f"input channel {names[c]}", fontsize=9)
         ax.set_axis_off()
     fig.suptitle(_title(model_name, layer, "kernels by input channel"), fontsize=8)
@@ -170,6 +186,7 @@ def plot_depthwise(layer: layers.Layer, model_name: str, per_tile: bool = True, 
     tiles = np.moveaxis(tiles, -1, 0)
     fig, ax = plt.subplots(figsize=(6, 6.4))
     ax.imshow(tile_grid(symmetric_scale(tiles, per_tile)), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    number_tiles(ax, tiles.shape[0], kernel.shape[:2])
     ax.set_axis_off()
     ax.set_title(_title(model_name, layer, f"one tile per channel ({tiles.shape[0]} shown)"), fontsize=8)
     return fig
@@ -204,19 +221,26 @@ def plot_feature_maps(model: keras.Model, layer: layers.Layer, image: np.ndarray
     n = min(maps.shape[-1], max_maps)
     columns = math.ceil(math.sqrt(n))
     rows = math.ceil(n / columns)
-    fig = plt.figure(figsize=(3 + 1.5 * columns, 1.5 * rows + 0.8))
-    grid = fig.add_gridspec(rows, columns + 2)
+    # One symmetric scale for all maps, so they compare with each other and 0 (no response) is white.
+    peak = float(np.abs(maps[..., :n]).max()) or 1.0
+    fig = plt.figure(figsize=(3.6 + 1.5 * columns, 1.5 * rows + 1.0))
+    grid = fig.add_gridspec(rows, columns + 3, width_ratios=[1, 1, *[1] * columns, 0.15])
     ax = fig.add_subplot(grid[:, :2])
     ax.imshow(np.clip(image, 0, 255).astype(np.uint8))
     ax.set_title("input", fontsize=9)
     ax.set_axis_off()
     for i in range(n):
         ax = fig.add_subplot(grid[i // columns, 2 + i % columns])
-        ax.imshow(maps[..., i], cmap="viridis")
+        im = ax.imshow(maps[..., i], cmap="RdBu_r", vmin=-peak, vmax=peak)
         ax.set_axis_off()
         ax.set_title(str(i), fontsize=6)
+    fig.colorbar(im, cax=fig.add_subplot(grid[:, -1]), label="layer output")
+    activation = getattr(layer, "activation", None)
+    raw = activation is None or getattr(activation, "__name__", "") == "linear"
+    what = ("raw convolution outputs (before batch norm and activation)" if raw
+            else f"outputs after its {getattr(activation, '__name__', 'activation')}")
     fig.suptitle(f"{model_name} / {layer.name}: {n} of {maps.shape[-1]} feature maps, "
-                 f"{maps.shape[0]}x{maps.shape[1]}", fontsize=9)
+                 f"{maps.shape[0]}x{maps.shape[1]}, {what}; one colour scale, 0 = white", fontsize=9)
     return fig
 
 
@@ -393,6 +417,7 @@ def plot_before_after(before: np.ndarray, after: np.ndarray, title: str, per_til
               (change, f"learned change: trained - initial\n(size {relative:.2f} of the initial kernels)"))
     for ax, (kernel, name) in zip(axes, panels):
         ax.imshow(kernel_grid(kernel, per_tile, max_filters=max_filters), interpolation="nearest")
+        number_tiles(ax, min(kernel.shape[-1], max_filters), kernel.shape[:2])
         ax.set_title(name, fontsize=10)
         ax.set_axis_off()
     fig.suptitle(title, fontsize=9)

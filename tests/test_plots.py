@@ -1,5 +1,7 @@
 """Filter pictures: tiles, scaling, orientation, mixing matrices, the CLI, and famous backbones out of the box."""
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -8,7 +10,7 @@ from cnnlab import config, plots
 from cnnlab.modeling import build_model
 from cnnlab.runtime import set_precision
 from cnnlab.visualize import write_filter_figures
-from tests.conftest import REPO, assert_user_error, run_cli
+from tests.conftest import REPO, assert_user_error, run_cli, run_cli_in_process
 
 SOBEL_X = np.array([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]], np.float32)
 
@@ -128,10 +130,11 @@ def test_a_larger_learned_edge_matches_its_classic_filter_resampled_not_zero_pad
     assert padded @ learned / (np.linalg.norm(padded) * np.linalg.norm(learned)) < 0.7
 
 
-def test_cli_on_a_trained_run_writes_figures_and_says_where(tmp_path):
-    proc = run_cli("train.py", "--config", "configs/smoke.yaml", "--set", f"run.dir={tmp_path}", "--set",
-                   "run.name=r", "--set", "training.epochs=1", timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+def test_cli_on_the_trained_smoke_run_writes_figures_says_where_and_finds_structure(tmp_path, capsys):
+    from cnnlab import config
+    from cnnlab.training import train
+
+    train(config.resolve([str(REPO / "configs/smoke.yaml")], [f"run.dir={tmp_path}", "run.name=r"]), [])
     proc = run_cli("visualize_filters.py", "--run", str(tmp_path / "r"), "--svg", timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     written = [line.removeprefix("Wrote ") for line in proc.stdout.splitlines() if line.startswith("Wrote ")]
@@ -140,10 +143,13 @@ def test_cli_on_a_trained_run_writes_figures_and_says_where(tmp_path):
     assert all((tmp_path / "r" / "figures").joinpath(p.split("/")[-1]).stat().st_size > 1000 for p in written)
     assert any(p.endswith(".svg") for p in written)
     assert "stage1_block1_conv: " in proc.stdout and " of 8 filters" in proc.stdout  # smoke's first layer: 8
-    assert_user_error(run_cli("visualize_filters.py", "--run", str(tmp_path / "r"), "--layer", "nope"),
-                      "--layer", "stage1_block1_conv", "Received: 'nope'")
-    assert_user_error(run_cli("visualize_filters.py", "--checkpoint", str(tmp_path / "missing.keras")),
-                      "no such file")
+    # The try-it-now config ends with first-layer kernels a person can read: blobs or edges by the project's count.
+    blobs, edges = map(int, re.search(r"(\d+) colour blobs, (\d+) oriented edges", proc.stdout).groups())
+    assert blobs + edges >= 1 and edges >= 1, proc.stdout
+    assert_user_error(run_cli_in_process(capsys, "visualize_filters.py", "--run", str(tmp_path / "r"), "--layer",
+                                         "nope"), "--layer", "stage1_block1_conv", "Received: 'nope'")
+    assert_user_error(run_cli_in_process(capsys, "visualize_filters.py", "--checkpoint",
+                                         str(tmp_path / "missing.keras")), "no such file")
 
 
 def test_before_after_shows_the_learned_change_as_a_third_panel():

@@ -36,12 +36,12 @@ def images_per_second(ds: tf.data.Dataset) -> float:
     return n / (time.perf_counter() - start)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/cats_vs_dogs"))
     parser.add_argument("--size", type=int, default=160)
     parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     size = (args.size, args.size)
     cfg = config.resolve([], ["data.source=folder", f"data.path={args.data}", f"data.image_size=[{args.size},"
                               f"{args.size}]", "data.cache=none", "augment.flip=horizontal", "augment.rotation=0.05",

@@ -183,7 +183,7 @@ def versus_tutorial(args) -> None:
         print(f"{name:<52} {wall:>10.1f} {wall / tutorial[0]:>12.2f} {last:>11.1f} {last / tutorial[1]:>12.2f}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["cats_vs_dogs_standard", "cats_vs_dogs_pointwise",
                                                           "cats_vs_dogs_separable"])
@@ -192,7 +192,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tutorial-epochs", type=int, default=0, help="also compare with the tutorial way")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     families(args)
     why_bfloat16(args, args.configs[0])
     if args.tutorial_epochs:

@@ -16,13 +16,17 @@ from tests.conftest import REPO, assert_user_error, make_image_folder, run_cli, 
 SMOKE = "configs/smoke.yaml"
 
 
+def train_in_process(config_file: str, *overrides: str) -> Path:
+    """A run trained in this process (the CLI's own process is tested in test_training.py)."""
+    from cnnlab.training import train
+
+    return train(config.resolve([str(REPO / config_file)], list(overrides)), [config_file])
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory) -> Path:
     runs = tmp_path_factory.mktemp("runs")
-    proc = run_cli("train.py", "--config", SMOKE, "--set", f"run.dir={runs}", "--set", "run.name=s",
-                   "--set", "training.epochs=2", timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return runs / "s"
+    return train_in_process(SMOKE, f"run.dir={runs}", "run.name=s", "training.epochs=2")
 
 
 def read_csv(path):
@@ -77,20 +81,20 @@ def test_evaluation_goes_to_tensorboard_under_eval(smoke_run):
     assert logged == pytest.approx(json.loads((smoke_run / "eval/test/metrics.json").read_text())["accuracy"])
 
 
-def test_flip_tta_changes_the_probabilities(smoke_run, tmp_path):
-    assert run_cli("evaluate.py", "--run", str(smoke_run), "--out", str(tmp_path / "plain")).returncode == 0
-    assert run_cli("evaluate.py", "--run", str(smoke_run), "--tta", "--out", str(tmp_path / "tta")).returncode == 0
+def test_flip_tta_changes_the_probabilities(smoke_run, tmp_path, capsys):
+    for name, *flag in (("plain",), ("tta", "--tta")):
+        args = ("--run", str(smoke_run), *flag, "--out", str(tmp_path / name))
+        assert run_cli_in_process(capsys, "evaluate.py", *args).returncode == 0
     plain = [float(r["probability"]) for r in read_csv(tmp_path / "plain" / "predictions.csv")]
     tta = [float(r["probability"]) for r in read_csv(tmp_path / "tta" / "predictions.csv")]
     assert len(plain) == len(tta) and not np.allclose(plain, tta)
     assert json.loads((tmp_path / "tta" / "metrics.json").read_text())["tta"] is True
 
 
-def test_several_runs_print_one_comparison_table(smoke_run, tmp_path):
-    second = tmp_path / "t"
-    assert run_cli("train.py", "--config", SMOKE, "--set", f"run.dir={tmp_path}", "--set", "run.name=t",
-                   "--set", "training.epochs=1", "--set", "model.standard.filters=[4,8]").returncode == 0
-    proc = run_cli("evaluate.py", "--run", str(smoke_run), "--run", str(second), timeout=180)
+def test_several_runs_print_one_comparison_table(smoke_run, tmp_path, capsys):
+    second = train_in_process(SMOKE, f"run.dir={tmp_path}", "run.name=t", "training.epochs=1",
+                              "model.standard.filters=[4,8]")
+    proc = run_cli_in_process(capsys, "evaluate.py", "--run", str(smoke_run), "--run", str(second))
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[-2:]}
     assert set(table) == {"s", "t"}
@@ -113,15 +117,13 @@ def test_roc_helpers_on_known_cases():
 @pytest.fixture(scope="module")
 def photo_run(tmp_path_factory, shared_data) -> Path:
     runs = tmp_path_factory.mktemp("photo_runs")
-    proc = run_cli("train.py", "--config", "configs/cats_vs_dogs_standard.yaml", "--set", "data.source=folder",
-                   "--set", f"data.path={shared_data}", "--set", "data.image_size=[32,32]", "--set",
-                   "training.epochs=1", "--set", f"run.dir={runs}", "--set", "run.name=p", timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return runs / "p"
+    return train_in_process("configs/cats_vs_dogs_standard.yaml", "data.source=folder", f"data.path={shared_data}",
+                            "data.image_size=[32,32]", "training.epochs=1", f"run.dir={runs}", "run.name=p",
+                            "runtime.log_histograms=false")
 
 
-def test_evaluating_a_run_on_the_shared_photos_writes_every_file(photo_run):
-    proc = run_cli("evaluate.py", "--run", str(photo_run), "--split", "val", timeout=300)
+def test_evaluating_a_run_on_the_shared_photos_writes_every_file(photo_run, capsys):
+    proc = run_cli_in_process(capsys, "evaluate.py", "--run", str(photo_run), "--split", "val")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = photo_run / "eval" / "val"
     assert sorted(p.name for p in out.iterdir()) == [
@@ -129,21 +131,23 @@ def test_evaluating_a_run_on_the_shared_photos_writes_every_file(photo_run):
         "worst_mistakes.png"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_examples"] == 1000 and metrics["class_names"] == ["cats", "dogs"]
+    trained = json.loads((photo_run / "metrics.json").read_text())  # every shared photo decoded and used
+    assert trained["num_train"] == 2000 and trained["num_val"] == 1000
     assert sum(map(sum, metrics["confusion_matrix"])) == 1000
     assert {Path(r["file"]).parent.name for r in read_csv(out / "predictions.csv")} == {"cats", "dogs"}
     # the folder has no test split: asking for it falls back to val with a notice
-    proc = run_cli("evaluate.py", "--run", str(photo_run), "--out", str(photo_run / "fallback"), timeout=300)
+    proc = run_cli_in_process(capsys, "evaluate.py", "--run", str(photo_run), "--out", str(photo_run / "fallback"))
     assert "no test split; evaluating on val" in proc.stdout
     assert json.loads((photo_run / "fallback" / "metrics.json").read_text())["split"] == "val"
 
 
-def test_predict_on_a_folder_gives_the_same_probabilities_as_evaluate(photo_run, shared_data, tmp_path):
+def test_predict_on_a_folder_gives_the_same_probabilities_as_evaluate(photo_run, shared_data, tmp_path, capsys):
     val_eval = photo_run / "eval" / "val" / "predictions.csv"
     if not val_eval.exists():
-        assert run_cli("evaluate.py", "--run", str(photo_run), "--split", "val", timeout=300).returncode == 0
+        assert run_cli_in_process(capsys, "evaluate.py", "--run", str(photo_run), "--split", "val").returncode == 0
     expected = {r["file"]: float(r["p_dogs"]) for r in read_csv(val_eval)}
-    proc = run_cli("predict.py", str(shared_data / "val"), "--run", str(photo_run), "--csv", str(tmp_path / "p.csv"),
-                   timeout=300)
+    proc = run_cli_in_process(capsys, "predict.py", str(shared_data / "val"), "--run", str(photo_run), "--csv",
+                              str(tmp_path / "p.csv"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = {r["file"]: float(r["p_dogs"]) for r in read_csv(tmp_path / "p.csv")}
     assert set(got) == set(expected)
@@ -153,18 +157,18 @@ def test_predict_on_a_folder_gives_the_same_probabilities_as_evaluate(photo_run,
 
 
 def test_bad_inputs_are_one_line_errors(smoke_run, tmp_path, capsys):
-    # One real process per CLI; the other cases run the same `main` through `cli.run` in this process.
-    assert_user_error(run_cli("evaluate.py", "--checkpoint", str(tmp_path / "none.keras"), "--config", SMOKE),
-                      "no such file")
-    text = tmp_path / "notes.jpg"
-    text.write_text("not a photo")
-    assert_user_error(run_cli("predict.py", str(text), "--run", str(smoke_run)), "notes.jpg is not a readable image")
-
+    # The same `main` through `cli.run` in this process, as `python evaluate.py ...` runs it (a real process of each
+    # CLI runs in the tests above and below).
     def evaluate(*args):
         return run_cli_in_process(capsys, "evaluate.py", *args)
 
     def predict(*args):
         return run_cli_in_process(capsys, "predict.py", *args)
+
+    assert_user_error(evaluate("--checkpoint", str(tmp_path / "none.keras"), "--config", SMOKE), "no such file")
+    text = tmp_path / "notes.jpg"
+    text.write_text("not a photo")
+    assert_user_error(predict(str(text), "--run", str(smoke_run)), "notes.jpg is not a readable image")
 
     assert_user_error(evaluate("--run", str(tmp_path)), "is not a run directory")
     best = str(smoke_run / "checkpoints" / "best.keras")

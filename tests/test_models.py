@@ -11,7 +11,7 @@ from cnnlab import config, conv_math
 from cnnlab.errors import UserError
 from cnnlab.modeling import build_model, family_network
 from cnnlab.report import model_report, totals
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli, run_cli_in_process
 
 FAMILIES = ["pointwise", "separable", "standard", "transfer"]
 SMALL = {
@@ -69,9 +69,10 @@ def test_bad_builder_arguments_say_what_was_received():
         models.create_model("nope", (32, 32, 3), 2)
 
 
-def test_a_builder_error_from_the_cli_is_one_line_naming_the_section(tmp_path):
-    proc = run_cli("train.py", "--config", "configs/smoke.yaml", "--set", "model.standard.kernel_size=[3,5,7]",
-                   "--dry-run", timeout=120)
+def test_a_builder_error_from_the_cli_is_one_line_naming_the_section(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    proc = run_cli_in_process(capsys, "train.py", "--config", "configs/smoke.yaml", "--set",
+                              "model.standard.kernel_size=[3,5,7]", "--dry-run")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "error: model.standard: `kernel_size` must have one value per stage" in proc.stderr
 

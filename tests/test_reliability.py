@@ -16,7 +16,8 @@ import keras
 import numpy as np
 
 from cnnlab import config, data
-from tests.conftest import REPO, assert_user_error, run_cli, wait_for_epoch
+from cnnlab.training import train
+from tests.conftest import REPO, assert_user_error, run_cli, run_cli_in_process, wait_for_epoch
 
 SMOKE = "configs/smoke.yaml"
 
@@ -182,12 +183,10 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_checkpoint_loadab
     assert [int(r["epoch"]) for r in csv.DictReader(open(tmp_path / "k" / "history.csv"))] == [1, 2, 3]
 
 
-def test_a_nan_loss_stops_with_epoch_and_batch_and_keeps_the_good_checkpoint(tmp_path):
-    first = run_cli("train.py", "--config", SMOKE, "--set", f"run.dir={tmp_path}", "--set", "run.name=n",
-                    "--set", "training.epochs=1", timeout=120)
-    assert first.returncode == 0, first.stderr[-2000:]
-    proc = run_cli("train.py", "--resume", str(tmp_path / "n"), "--set", "training.epochs=3",
-                   "--set", "training.learning_rate=1e10", "--set", "training.schedule=constant", timeout=120)
+def test_a_nan_loss_stops_with_epoch_and_batch_and_keeps_the_good_checkpoint(tmp_path, capsys):
+    train(config.resolve([str(REPO / SMOKE)], [f"run.dir={tmp_path}", "run.name=n", "training.epochs=1"]), [SMOKE])
+    proc = run_cli_in_process(capsys, "train.py", "--resume", str(tmp_path / "n"), "--set", "training.epochs=3",
+                              "--set", "training.learning_rate=1e10", "--set", "training.schedule=constant")
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
@@ -222,7 +221,7 @@ def test_ctrl_c_mid_epoch_prints_the_resume_command_and_resuming_finishes(tmp_pa
 def test_a_full_disk_at_checkpoint_time_is_a_clear_error_and_keeps_earlier_checkpoints(tmp_path):
     args = ["--config", SMOKE, "--set", f"run.dir={tmp_path}", "--set", "run.name=d", "--set",
             "model.standard.filters=[64,128]", "--set", "runtime.log_histograms=false"]
-    assert run_cli("train.py", *args, "--set", "training.epochs=1", timeout=120).returncode == 0
+    train(config.resolve([str(REPO / SMOKE)], [a for a in args[1::2] if "=" in a] + ["training.epochs=1"]), [SMOKE])
     last = tmp_path / "d" / "checkpoints" / "last.keras"
     size = last.stat().st_size
     before = last.read_bytes()

@@ -18,8 +18,16 @@ from tests.conftest import REPO, run_cli_in_process
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SECTIONS = tuple(config.load_defaults())
-# A dotted config key in backticks: `training.time_budget`, `model.transfer.weights` (not `cnnlab/runtime.py`).
-KEY = re.compile(r"`((?:%s)(?:\.[a-z_0-9]+)+)`" % "|".join(SECTIONS))
+# A dotted config key: `training.time_budget`, `training.time_budget: 10`, `--set model.transfer.weights=PATH`
+# (not `cnnlab/runtime.py` or `data.py`).
+KEY = re.compile(r"(?<![\w/.-])((?:%s)(?:\.[a-z_0-9]+)+)(?![\w/])" % "|".join(SECTIONS))
+FILE_SUFFIXES = (".py", ".md", ".yaml", ".json", ".csv", ".keras", ".txt")
+
+
+def config_keys_in(text: str) -> set[str]:
+    """The dotted config keys named in a Markdown text's inline code spans."""
+    spans = re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+    return {key for span in spans for key in KEY.findall(span) if not key.endswith(FILE_SUFFIXES)}
 
 
 def commands_in(text: str) -> list[str]:
@@ -98,7 +106,7 @@ def test_every_documented_command_names_a_script_and_flags_it_takes(doc, command
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
 def test_every_config_key_the_docs_name_exists(doc):
-    names = sorted(set(KEY.findall(doc.read_text())))
+    names = sorted(config_keys_in(doc.read_text()))
     assert [p for name in names for p in key_problems(name)] == [], doc.name
 
 
@@ -124,6 +132,8 @@ def test_the_checker_catches_a_renamed_flag_and_key():
     assert problems_of("python train.py --config configs/smoke.yaml --set training.epoch=3") == [
         "no config key training.epoch"]
     assert problems_of("python trainer.py --config x.yaml") == ["no script trainer.py"]
+    assert config_keys_in("`training.time_budget: 10`, `--set data.path=DIR`, `cnnlab/runtime.py`, `data.py`") == {
+        "training.time_budget", "data.path"}
     assert commands_in("text `python report.py\nconfigs/smoke.yaml --layers` more") == [
         "python report.py configs/smoke.yaml --layers"]
     assert Path(REPO / "README.md") in DOCS

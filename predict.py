@@ -11,7 +11,6 @@ validated on flip-averaged predictions (`augment.tta: flip`) predicts the same w
 from __future__ import annotations
 
 import csv
-import json
 import sys
 from pathlib import Path
 
@@ -36,20 +35,19 @@ def main(argv: list[str] | None = None) -> int:
     from cnnlab.config import flip_tta
     from cnnlab.errors import UserError
     from cnnlab.evaluation import image_files, num_model_classes, predict_files
-    from cnnlab.runs import checkpoint_path, load_checkpoint, run_of_checkpoint
+    from cnnlab.runs import checkpoint_path, load_checkpoint, run_class_names, run_of_checkpoint
 
     files = image_files(args.target)
     ckpt = checkpoint_path(args.run, "best") if args.run else Path(args.checkpoint)
     model = load_checkpoint(ckpt)
     n = num_model_classes(model)
     run_dir = run_of_checkpoint(ckpt)  # a checkpoint inside a run knows its class names and how it was validated
-    metrics = run_dir / "metrics.json" if run_dir else None
     saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if run_dir else {}
     tta = args.tta if args.tta is not None else flip_tta(saved)
     if args.class_names:
         class_names = [c.strip() for c in args.class_names.split(",")]
-    elif metrics is not None and metrics.is_file() and "class_names" in json.loads(metrics.read_text()):
-        class_names = json.loads(metrics.read_text())["class_names"]
+    elif run_dir is not None and run_class_names(run_dir):
+        class_names = run_class_names(run_dir)
     else:
         class_names = [f"class_{i}" for i in range(n)]
     if len(class_names) != n:

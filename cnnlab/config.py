@@ -34,7 +34,32 @@ DEFAULTS_FILE = Path(__file__).resolve().parent.parent / "configs" / "defaults.y
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads `1e-5` (no dot) as a string; people write learning rates that way, so read it as a float."""
+    """PyYAML's safe loader, made strict where a config file can go wrong quietly or slowly.
+
+    YAML 1.1 reads `1e-5` (no dot) as a string; people write learning rates that way, so it reads as a float. A key
+    given twice in one mapping is an error (PyYAML keeps the last one silently). Aliases are limited, so a small
+    file cannot expand into billions of nodes ("billion laughs").
+    """
+
+    MAX_ALIASES = 100
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self._aliases = getattr(self, "_aliases", 0) + 1
+            if self._aliases > self.MAX_ALIASES:
+                raise yaml.composer.ComposerError(None, None, f"more than {self.MAX_ALIASES} aliases (*name)",
+                                                  self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -141,7 +166,7 @@ def _is_int(v):
 
 
 def _is_num(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _choice(*allowed: str) -> Callable:
@@ -196,6 +221,23 @@ def _optional_str(v):
     return None if v is None or isinstance(v, str) else "a string or null"
 
 
+def _run_name(v) -> str | None:
+    """A run's folder name under run.dir: one plain name, so that nothing a user types reaches outside run.dir."""
+    if v is None:
+        return None
+    plain = (isinstance(v, str) and v.strip() == v and v not in ("", ".", "..") and not re.search(r"[/\\\x00]", v)
+             and not v.startswith("~"))
+    return None if plain else "a plain folder name (no '/', '\\', '..' or leading '~'), or null"
+
+
+def _cache(v) -> str | None:
+    """`memory`, `none`, or the path of a cache file (a name with a '/' or ending in .cache), so that a misspelt
+    `memroy` is not taken for a cache file in the working folder."""
+    if v in ("memory", "none") or (isinstance(v, str) and ("/" in v or v.endswith(".cache"))):
+        return None
+    return "'memory', 'none' or a cache file path (with a '/' or ending in .cache)"
+
+
 def _positive_number(v):
     return None if _is_num(v) and v > 0 else "a number > 0"
 
@@ -237,6 +279,7 @@ def _per_conv(check: Callable) -> Callable:
 RULES: dict[str, Callable] = {
     "data.source": _choice("tfds", "folder", "synthetic"),
     "data.data_dir": _optional_str,
+    "data.cache": _cache,
     "data.path": _optional_str,
     "data.image_size": _size(nullable=False),
     "data.batch_size": _int_at_least(1),
@@ -286,7 +329,7 @@ RULES: dict[str, Callable] = {
     "model.transfer.pooling": _choice("avg", "max"),
     "model.transfer.head_units": _int_at_least(0),
     "training.epochs": _int_at_least(1),
-    "training.time_budget": lambda v: None if v is None or (_is_num(v) and 0 < v < math.inf) else (
+    "training.time_budget": lambda v: None if v is None or (_is_num(v) and v > 0) else (
         "a number of minutes > 0, or null"),
     "training.optimizer": _choice("adam", "adamw", "sgd", "rmsprop"),
     "training.learning_rate": _positive_number,
@@ -305,8 +348,8 @@ RULES: dict[str, Callable] = {
     "training.fine_tune.learning_rate": _positive_number,
     "training.fine_tune.unfreeze": lambda v: None if (_is_int(v) and v >= 0) or (isinstance(v, str) and v) else (
         "a number of layers >= 0 or a layer name"),
-    "run.name": _optional_str,
-    "run.seed": _int_at_least(0),
+    "run.name": _run_name,
+    "run.seed": lambda v: None if _is_int(v) and 0 <= v < 2 ** 32 else "an integer in [0, 2**32 - 1]",
     "runtime.precision": _choice("float32", "mixed_float16", "mixed_bfloat16", "auto"),
     "runtime.jit_compile": lambda v: None if isinstance(v, bool) or v == "auto" else "true, false or 'auto'",
     "runtime.strategy": _choice("auto", "default", "mirrored", "multi_worker"),

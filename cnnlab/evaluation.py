@@ -25,7 +25,7 @@ from cnnlab import config as config_lib
 from cnnlab.config import as_size
 from cnnlab.data import IMAGE_EXTENSIONS, decode_and_resize, source_splits
 from cnnlab.errors import UserError
-from cnnlab.runs import checkpoint_path, load_checkpoint, run_config, run_of_checkpoint
+from cnnlab.runs import checkpoint_path, load_checkpoint, run_class_names, run_config, run_of_checkpoint
 
 WORST = 16  # how many confidently wrong images the mistakes plot shows
 
@@ -76,11 +76,20 @@ def check_compatible(model: keras.Model, image_size: tuple[int, int], num_classe
                         f"{num_classes}. Received: data with classes {num_classes}")
 
 
-def predict_split(model: keras.Model, cfg: dict, split: str, tta: bool = False) -> tuple[Predictions, str]:
+def predict_split(model: keras.Model, cfg: dict, split: str, tta: bool = False,
+                  trained_on: list[str] | None = None) -> tuple[Predictions, str]:
     """Runs the model over one split of the config's data. Returns the predictions and the split used (a missing
-    test split falls back to val)."""
+    test split falls back to val).
+
+    `trained_on`: the class names the model learned, in class-id order; data whose classes differ (other names, or
+    the same names in another order, which would swap the labels) is refused.
+    """
     config_lib.check_environment(cfg)
     splits, class_names = source_splits(cfg["data"], cfg["run"]["seed"])
+    if trained_on is not None and list(trained_on) != list(class_names):
+        raise UserError(f"data: its classes {class_names} are not the ones the run was trained on, in class-id "
+                        f"order: {list(trained_on)}; point data.path at photos of the run's classes. "
+                        f"Received: {class_names}")
     if split not in splits:
         if split != "test":
             raise UserError(f"--split: the data has no {split!r} split. Received: {split!r}")
@@ -327,7 +336,7 @@ def evaluate(*, run: str | None = None, checkpoint: str | None = None, config_fi
                             "read the data.")
     model = load_checkpoint(ckpt)
     tta = config_lib.flip_tta(cfg) if tta is None else tta
-    preds, split = predict_split(model, cfg, split, tta)
+    preds, split = predict_split(model, cfg, split, tta, trained_on=run_class_names(run_dir) if run_dir else None)
     metrics = compute_metrics(preds.labels, preds.probs, preds.class_names)
     metrics.update({
         "split": split, "checkpoint": str(ckpt), "tta": tta, "params": int(model.count_params()),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import keras
@@ -16,6 +17,14 @@ def run_config(run_dir: str | Path, overrides: list[str] = ()) -> dict:
     if not saved.is_file():
         raise UserError(f"--run: {run_dir} is not a run directory (no config.yaml).")
     return config_lib.resolve([], list(overrides), base=config_lib.resolve([str(saved)]))
+
+
+def run_class_names(run_dir: str | Path) -> list[str] | None:
+    """The class names a run trained on, in class-id order (from its metrics.json), or None when it has none yet."""
+    metrics = Path(run_dir) / "metrics.json"
+    if not metrics.is_file():
+        return None
+    return json.loads(metrics.read_text()).get("class_names")
 
 
 def run_of_checkpoint(checkpoint: str | Path) -> Path | None:

@@ -37,7 +37,6 @@ import keras
 
 from cnnlab import config as config_lib
 from cnnlab.budget import EpochLine, TimeBudget, plan_for
-from cnnlab.config import as_size
 from cnnlab.console import describe_devices
 from cnnlab.data import Datasets, build_datasets, class_names_at_hand
 from cnnlab.errors import TrainingError, UserError
@@ -103,34 +102,57 @@ def _default_name(config_files: list[str]) -> str:
     return f"{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def create_run_dir(cfg: dict, config_files: list[str], overwrite: bool) -> Path:
-    """Claims a new run directory. `os.mkdir` is atomic, so two runs started at once never share one."""
+def create_run_dir(cfg: dict, config_files: list[str], overwrite: bool) -> tuple[Path, Path | None]:
+    """Claims a new run directory. `os.mkdir` is atomic, so two runs started at once never share one.
+
+    Returns the run directory and, with `overwrite` of an existing run, where the old run was moved aside: it is
+    removed only once the new run has completed an epoch (`settle_replaced_run`). run.name is a plain folder name
+    (the config schema says so), so the run directory is always directly inside run.dir.
+    """
     parent = Path(cfg["run"]["dir"])
     parent.mkdir(parents=True, exist_ok=True)
     explicit = cfg["run"]["name"]
     if explicit:
         run_dir = parent / explicit
+        if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
+            raise UserError(f"run.name: {run_dir} exists and is not a run directory (a link or a file); choose "
+                            f"another run.name. Received: {explicit!r}")
+        aside = None
         if run_dir.exists():
             if not overwrite:
                 raise UserError(
                     f"run.name: {run_dir} already exists; continue it with --resume {run_dir}, "
                     "replace it with --overwrite, or choose another run.name."
                 )
-            shutil.rmtree(run_dir)
+            aside = parent / f".{explicit}.replaced-{os.getpid()}"
+            os.replace(run_dir, aside)
         try:
             run_dir.mkdir()
         except FileExistsError:
             raise UserError(f"run.name: {run_dir} was just created by another run; choose another run.name.") from None
-        return run_dir
+        return run_dir, aside
     base = _default_name(config_files)
     for attempt in range(1, 1000):
         run_dir = parent / (base if attempt == 1 else f"{base}-{attempt}")
         try:
             run_dir.mkdir()
-            return run_dir
+            return run_dir, None
         except FileExistsError:
             continue
     raise UserError(f"run.dir: could not find a free run name under {parent} for {base}.")
+
+
+def settle_replaced_run(run_dir: Path, aside: Path | None) -> None:
+    """After `--overwrite`: removes the old run once the new one has committed an epoch (its state.json); else
+    deletes the new, epoch-less directory and puts the old run back where it was."""
+    if aside is None:
+        return
+    if (run_dir / STATE_FILE).exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    os.replace(aside, run_dir)
+    print(f"The new run ended before its first epoch; {run_dir} is the old run again, as it was.", file=sys.stderr)
 
 
 def fresh_state() -> dict:
@@ -225,8 +247,9 @@ def training_phases(cfg: dict) -> list[dict]:
 
     Each phase has its own `training` section (epochs counted within the phase, learning rate), the epoch at which
     it ends, counting from the start of the run, the epoch at which its learning-rate schedule `start`s, and the
-    network input `size` it trains at (None: the config's own). Progressive resizing (`training.progressive`) splits `train` into stages at growing sizes; they share
-    one optimizer and one learning-rate schedule, as a single phase does.
+    network input `size` it trains at (None: the config's own). Progressive resizing (`training.progressive`)
+    splits `train` into stages at growing sizes; they share one optimizer and one learning-rate schedule, as a
+    single phase does.
     """
     training_cfg = cfg["training"]
     phases, start = [], 0
@@ -460,7 +483,7 @@ def describe(cfg: dict) -> str:
               "synthetic": f"synthetic, {data_cfg['synthetic_size']} training images"}[data_cfg["source"]]
     classes = (f"classes={class_names}" if class_names else
                "classes: not known here (the data is not at hand), so the head is built for 2")
-    lines = [f"Data: {source}  {classes}  image_size={list(as_size(data_cfg['image_size']))}"
+    lines = [f"Data: {source}  {classes}  image_size={list(config_lib.as_size(data_cfg['image_size']))}"
              f"  batch_size={data_cfg['batch_size']}"]
     costed = without_pretrained_weights(cfg)
     model = build_model(costed, len(class_names) if class_names else 2)
@@ -556,11 +579,12 @@ def train(cfg: dict, config_files: list[str], *, resume: str | bool | None = Non
         return None
     data = build_datasets(cfg["data"], seed=cfg["run"]["seed"], augment_cfg=cfg["augment"])
 
+    aside = None  # with --overwrite, the old run until the new one has committed an epoch
     if resume:
         run_dir = find_run_for_resume(resume, cfg)
         state = load_state(run_dir)
     elif dist.is_chief:
-        run_dir = create_run_dir(cfg, config_files, overwrite)
+        run_dir, aside = create_run_dir(cfg, config_files, overwrite)
         state = fresh_state()
     else:
         run_dir, state = Path(cfg["run"]["dir"]) / cfg["run"]["name"], fresh_state()
@@ -571,6 +595,7 @@ def train(cfg: dict, config_files: list[str], *, resume: str | bool | None = Non
         with dist.strategy.scope():
             return _train_in(cfg, data, run_dir, out_dir, state, dist)
     finally:
+        settle_replaced_run(run_dir, aside)
         if out_dir != run_dir:
             shutil.rmtree(out_dir, ignore_errors=True)
 
@@ -611,7 +636,7 @@ def _train_in(cfg: dict, data: Datasets, run_dir: Path, out_dir: Path, state: di
     jit_compile = resolve_jit(cfg["runtime"]["jit_compile"])
 
     def network_size(phase: dict) -> tuple[int, int]:
-        return as_size(phase["size"]) if phase["size"] is not None else model_input_size(cfg)
+        return config_lib.as_size(phase["size"]) if phase["size"] is not None else model_input_size(cfg)
 
     plan = plan_for(phases, model_input_size(cfg), network_size) if budget_s else None
     if budget_s and not state["epoch"]:

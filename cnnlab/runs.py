@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 from pathlib import Path
 
 import keras
@@ -17,6 +20,32 @@ def run_config(run_dir: str | Path, overrides: list[str] = ()) -> dict:
     if not saved.is_file():
         raise UserError(f"--run: {run_dir} is not a run directory (no config.yaml).")
     return config_lib.resolve([], list(overrides), base=config_lib.resolve([str(saved)]))
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def hold_run_lock(run_dir: str | Path):
+    """Holds an exclusive OS lock on a run directory while a process writes it; the OS releases it if the process
+    dies. A second writer (two `--resume` of one run at once) gets a one-line error naming the holder's pid."""
+    path = Path(run_dir) / LOCK_FILE
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise UserError(f"--resume: {run_dir} is being written by another process (pid {holder}); wait for it to "
+                            "end, or stop it first.") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def run_class_names(run_dir: str | Path) -> list[str] | None:
@@ -41,15 +70,15 @@ def checkpoint_path(run_dir: str | Path, which: str = "best") -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path) -> keras.Model:
-    """Loads a `.keras` checkpoint; a missing or unreadable file is a one-line UserError."""
+def load_checkpoint(path: str | Path, what: str = "--checkpoint") -> keras.Model:
+    """Loads a `.keras` checkpoint; a missing or unreadable file is a one-line UserError that starts with `what`."""
     import models  # noqa: F401  registers the project's custom layers for deserialization
 
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"--checkpoint: no such file: {path}")
+        raise UserError(f"{what}: no such file: {path}")
     try:
         return keras.models.load_model(path)
     except Exception as e:  # Keras raises ValueError, OSError or zipfile errors for files that are not checkpoints
-        raise UserError(f"--checkpoint: {path} is not a loadable .keras model ({type(e).__name__}: "
+        raise UserError(f"{what}: {path} is not a loadable .keras model ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None

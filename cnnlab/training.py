@@ -19,6 +19,7 @@ its last completed epoch intact and `--resume` continues from there.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -43,6 +44,7 @@ from cnnlab.errors import TrainingError, UserError
 from cnnlab.modeling import (build_model, model_input_size, network_input_size, resize_model,
                               stage_image_size, without_pretrained_weights)
 from cnnlab.report import format_report, model_report
+from cnnlab.runs import hold_run_lock, load_checkpoint, run_class_names
 from cnnlab.runtime import enable_memory_growth, make_strategy, resolve_jit, set_precision, set_seed
 
 STATE_FILE = "state.json"
@@ -164,6 +166,32 @@ def load_state(run_dir: Path) -> dict:
     """The resume state of a run directory; a run killed before its first epoch ended has none."""
     path = run_dir / STATE_FILE
     return json.loads(path.read_text()) if path.exists() else fresh_state()
+
+
+# What a checkpoint cannot follow when a run is resumed with --set: the network, and the images it takes.
+FIXED_ON_RESUME = ("model", "data.image_size", "augment.crop")
+
+
+def check_resumable(run_dir: Path, cfg: dict, class_names: list[str], state: dict) -> None:
+    """Refuses, before anything is written, a resume whose checkpoint cannot continue: a change to the network, the
+    images it takes or the classes it predicts, or a run that records epochs but lost its last checkpoint."""
+    if not state["epoch"]:
+        return  # nothing was committed: the run starts over in its directory, with whatever config it is given
+    if not (run_dir / "checkpoints" / "last.keras").is_file():
+        raise UserError(f"--resume: {run_dir} records {state['epoch']} completed epochs but has no "
+                        "checkpoints/last.keras to continue from; start a new run (another run.name, or --overwrite).")
+    saved = config_lib.resolve([str(run_dir / "config.yaml")])
+    for key in FIXED_ON_RESUME:
+        old, new = saved, cfg
+        for part in key.split("."):
+            old, new = old[part], new[part]
+        if old != new:
+            raise UserError(f"--resume: {key} cannot change for a run with checkpoints ({run_dir} has {old!r}); "
+                            f"start a new run instead. Received: {new!r}")
+    trained = run_class_names(run_dir)
+    if trained is not None and list(trained) != list(class_names):
+        raise UserError(f"--resume: the data's classes must be the run's {list(trained)}, the classes its "
+                        f"checkpoints predict. Received: {list(class_names)}")
 
 
 def find_run_for_resume(resume: str | bool, cfg: dict) -> Path:
@@ -580,24 +608,29 @@ def train(cfg: dict, config_files: list[str], *, resume: str | bool | None = Non
     data = build_datasets(cfg["data"], seed=cfg["run"]["seed"], augment_cfg=cfg["augment"])
 
     aside = None  # with --overwrite, the old run until the new one has committed an epoch
-    if resume:
-        run_dir = find_run_for_resume(resume, cfg)
-        state = load_state(run_dir)
-    elif dist.is_chief:
-        run_dir, aside = create_run_dir(cfg, config_files, overwrite)
-        state = fresh_state()
-    else:
-        run_dir, state = Path(cfg["run"]["dir"]) / cfg["run"]["name"], fresh_state()
-    # Only the chief writes the run directory. Other workers take part in every save (saving is collective under
-    # multi-worker training) but write into a folder of their own that is removed at the end.
-    out_dir = run_dir if dist.is_chief else Path(tempfile.mkdtemp(prefix="cnnlab-worker-"))
-    try:
-        with dist.strategy.scope():
-            return _train_in(cfg, data, run_dir, out_dir, state, dist)
-    finally:
-        settle_replaced_run(run_dir, aside)
-        if out_dir != run_dir:
-            shutil.rmtree(out_dir, ignore_errors=True)
+    with contextlib.ExitStack() as held:
+        if resume:
+            run_dir = find_run_for_resume(resume, cfg)
+            if dist.is_chief:
+                held.enter_context(hold_run_lock(run_dir))
+            state = load_state(run_dir)
+            check_resumable(run_dir, cfg, data.class_names, state)
+        elif dist.is_chief:
+            run_dir, aside = create_run_dir(cfg, config_files, overwrite)
+            held.enter_context(hold_run_lock(run_dir))
+            state = fresh_state()
+        else:
+            run_dir, state = Path(cfg["run"]["dir"]) / cfg["run"]["name"], fresh_state()
+        # Only the chief writes the run directory. Other workers take part in every save (saving is collective under
+        # multi-worker training) but write into a folder of their own that is removed at the end.
+        out_dir = run_dir if dist.is_chief else Path(tempfile.mkdtemp(prefix="cnnlab-worker-"))
+        try:
+            with dist.strategy.scope():
+                return _train_in(cfg, data, run_dir, out_dir, state, dist)
+        finally:
+            settle_replaced_run(run_dir, aside)
+            if out_dir != run_dir:
+                shutil.rmtree(out_dir, ignore_errors=True)
 
 
 def _train_in(cfg: dict, data: Datasets, run_dir: Path, out_dir: Path, state: dict, dist) -> Path:
@@ -610,8 +643,8 @@ def _train_in(cfg: dict, data: Datasets, run_dir: Path, out_dir: Path, state: di
     total_epochs = phases[-1]["end"]
     budget_s = cfg["training"]["time_budget"] * 60 if cfg["training"]["time_budget"] else None
     last = run_dir / "checkpoints" / "last.keras"
-    if state["epoch"] and last.exists():
-        model = keras.models.load_model(last)
+    if state["epoch"]:  # check_resumable made sure last.keras is there
+        model = load_checkpoint(last, what="--resume")
         print(f"Resuming {run_dir} after epoch {state['epoch']}"
               + (f" ({state['history'][-1]['elapsed_seconds'] / 60:.1f} of {budget_s / 60:g} min)." if budget_s
                  else f" of {total_epochs}."))

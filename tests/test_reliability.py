@@ -358,3 +358,44 @@ def test_a_run_whose_data_moved_is_evaluated_with_the_new_path(tmp_path, capsys)
     proc = run_cli_in_process(capsys, "evaluate.py", "--run", str(run), "--split", "val", "--set", f"data.path={moved}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((run / "eval" / "val" / "metrics.json").read_text())["num_examples"] == 8
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ("data.synthetic_classes=3", "the data's classes must be the run's"),
+    ("data.image_size=[24,24]", "data.image_size cannot change for a run with checkpoints"),
+    ("model.standard.filters=[4,8]", "model cannot change for a run with checkpoints"),
+])
+def test_resume_refuses_changes_its_checkpoint_cannot_follow_and_leaves_the_config(change, fragment, tmp_path,
+                                                                                   capsys):
+    run = train_tiny(tmp_path, "run.name=r")
+    saved = (run / "config.yaml").read_bytes()
+    proc = run_cli_in_process(capsys, "train.py", "--resume", str(run), "--set", change, "--set", "training.epochs=2")
+    assert_user_error(proc, "--resume:", fragment)
+    assert (run / "config.yaml").read_bytes() == saved
+    assert len(list(csv.DictReader(open(run / "history.csv")))) == 1
+
+
+def test_resume_without_a_readable_last_checkpoint_is_refused_and_keeps_the_best_one(tmp_path, capsys):
+    run = train_tiny(tmp_path, "run.name=r")
+    best = (run / "checkpoints" / "best.keras").read_bytes()
+    last = run / "checkpoints" / "last.keras"
+    last.write_bytes(last.read_bytes()[:1000])  # truncated
+    proc = run_cli_in_process(capsys, "train.py", "--resume", str(run), "--set", "training.epochs=2")
+    assert_user_error(proc, "--resume:", "is not a loadable .keras model")
+    last.unlink()  # missing
+    proc = run_cli_in_process(capsys, "train.py", "--resume", str(run), "--set", "training.epochs=2")
+    assert_user_error(proc, "records 1 completed epochs but has no checkpoints/last.keras")
+    assert (run / "checkpoints" / "best.keras").read_bytes() == best
+
+
+def test_a_run_being_written_cannot_be_resumed_by_a_second_process(tmp_path, capsys):
+    from cnnlab.runs import hold_run_lock
+
+    run = train_tiny(tmp_path, "run.name=r")
+    with hold_run_lock(run):  # as a training process holds it
+        proc = run_cli_in_process(capsys, "train.py", "--resume", str(run), "--set", "training.epochs=2")
+        assert_user_error(proc, "is being written by another process", f"pid {os.getpid()}")
+    assert len(list(csv.DictReader(open(run / "history.csv")))) == 1
+    proc = run_cli_in_process(capsys, "train.py", "--resume", str(run), "--set", "training.epochs=2")
+    assert proc.returncode == 0, proc.stderr[-2000:]  # released: the next writer gets it
+    assert len(list(csv.DictReader(open(run / "history.csv")))) == 2

@@ -184,15 +184,37 @@ def list_images(split_dir: str, class_names: list[str] | None = None,
     paths, labels = [], []
     for label, name in enumerate(class_names):
         class_dir = os.path.join(split_dir, name)
-        entries = sorted(f for f in os.listdir(class_dir) if os.path.isfile(os.path.join(class_dir, f)))
-        files = [f for f in entries if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
+        files, left_out = find_images(class_dir)
         if ignored is not None:
-            ignored += [os.path.join(class_dir, f) for f in entries if f not in set(files)]
+            ignored += left_out
         if not files:
             raise UserError(f"data.path: class folder {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
-        paths += [os.path.join(class_dir, f) for f in files]
+        paths += files
         labels += [label] * len(files)
     return paths, labels, class_names
+
+
+def _utf8(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # os.walk hands bytes that are not UTF-8 over as lone surrogates
+        return False
+
+
+def find_images(folder: str) -> tuple[list[str], list[str]]:
+    """The image files anywhere under `folder` (sub-folders too; hidden ones skipped), sorted, and the files left
+    out: hidden ones, other extensions, and names that are not UTF-8 (TensorFlow takes paths as UTF-8 strings).
+
+    Training, evaluation and prediction all find images with this, so they read the same files."""
+    images, left_out = [], []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in names:
+            path = os.path.join(root, name)
+            usable = not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS) and _utf8(path)
+            (images if usable else left_out).append(path)
+    return sorted(images), sorted(left_out, key=lambda p: p.encode("utf-8", "surrogateescape"))
 
 
 def find_split_dirs(root: str) -> dict[str, str]:
@@ -459,6 +481,11 @@ def source_splits(data_cfg: dict, seed: int,
         for split, (paths, labels) in files.items():
             kept = [(p, y) for p, y in zip(paths, labels) if p not in bad]
             report.skipped += [p for p in paths if p in bad]
+            for label, name in enumerate(class_names):
+                if not any(y == label for _, y in kept):
+                    lost = [p for p, y in zip(paths, labels) if y == label]
+                    raise UserError(f"data.path: the {split} split has no decodable image of class {name!r}: all "
+                                    f"{len(lost)} of its files fail to decode (e.g. {lost[0]}); replace or remove them.")
             shuffle_seed = seed if shuffle_train_files and split == "train" else None
             splits[split] = (_folder_dataset([p for p, _ in kept], [y for _, y in kept], image_size, shuffle_seed),
                              len(kept))

@@ -23,7 +23,7 @@ import tensorflow as tf
 
 from cnnlab import config as config_lib
 from cnnlab.config import as_size
-from cnnlab.data import IMAGE_EXTENSIONS, decode_and_resize, source_splits
+from cnnlab.data import IMAGE_EXTENSIONS, decode_and_resize, find_images, source_splits
 from cnnlab.errors import UserError
 from cnnlab.runs import checkpoint_path, load_checkpoint, run_class_names, run_config, run_of_checkpoint
 
@@ -378,8 +378,7 @@ def image_files(target: str) -> list[str]:
         return [str(path)]
     if not path.is_dir():
         raise UserError(f"IMAGE_OR_FOLDER: no such file or folder: {target}")
-    files = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    files, _ = find_images(str(path))
     if not files:
         raise UserError(f"IMAGE_OR_FOLDER: {target} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
     return files

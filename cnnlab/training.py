@@ -536,7 +536,7 @@ def report_left_out(data: Datasets, run_dir: Path) -> None:
         print(f"Skipped {len(data.skipped)} files that cannot be decoded as images ({shown}); the full list is in "
               f"{run_dir / 'bad_images.txt'}.")
     if data.ignored:
-        print(f"Ignored {len(data.ignored)} hidden or non-image files (by extension) in data.path.")
+        print(f"Ignored {len(data.ignored)} hidden, non-image (by extension) or non-UTF-8-named files in data.path.")
 
 
 class stop_on_first_interrupt:

@@ -93,7 +93,7 @@ def test_a_dirty_folder_trains_two_epochs_lists_the_bad_files_and_uses_every_goo
     listed = set((run_dir / "bad_images.txt").read_text().split())
     assert listed == bad
     assert "Skipped 3 files that cannot be decoded" in proc.stdout
-    assert "Ignored 2 hidden or non-image files" in proc.stdout
+    assert "Ignored 2 hidden, non-image (by extension) or non-UTF-8-named files" in proc.stdout
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["num_train"] == len(good) and metrics["epochs_completed"] == 2
     # every decodable train file really went through the pipeline
@@ -399,3 +399,48 @@ def test_a_run_being_written_cannot_be_resumed_by_a_second_process(tmp_path, cap
     proc = run_cli_in_process(capsys, "train.py", "--resume", str(run), "--set", "training.epochs=2")
     assert proc.returncode == 0, proc.stderr[-2000:]  # released: the next writer gets it
     assert len(list(csv.DictReader(open(run / "history.csv")))) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Folder data that used to be misread silently or crash the scan
+
+
+def folder_train(runs: Path, photos: Path, capsys):
+    return run_cli_in_process(capsys, "train.py", *smoke_args(tiny(runs, "data.source=folder", f"data.path={photos}",
+                                                                   "run.name=f")))
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_class_left_without_a_decodable_image_is_an_error_naming_it(split, tmp_path, capsys):
+    from tests.conftest import make_image_folder
+
+    photos = make_image_folder(tmp_path / "photos", per_class=3, size=16)
+    for f in (photos / split / "dogs").iterdir():
+        f.write_bytes(b"not an image")
+    proc = folder_train(tmp_path / "runs", photos, capsys)
+    assert_user_error(proc, f"the {split} split has no decodable image of class 'dogs'", "all 3 of its files")
+
+
+def test_images_in_class_sub_folders_are_read_as_predict_reads_them(tmp_path, capsys):
+    from cnnlab.evaluation import image_files
+    from tests.conftest import make_image_folder
+
+    photos = make_image_folder(tmp_path / "photos", per_class=3, size=16)
+    make_image_folder(tmp_path / "more", splits=("",), classes=("x",), per_class=2, size=16)
+    (tmp_path / "more" / "x").rename(photos / "train" / "cats" / "phone")
+    assert folder_train(tmp_path / "runs", photos, capsys).returncode == 0
+    assert json.loads((tmp_path / "runs" / "f" / "metrics.json").read_text())["num_train"] == 8
+    assert len(image_files(str(photos / "train"))) == 8
+
+
+def test_a_file_name_that_is_not_utf8_is_left_out_and_counted(tmp_path, capsys):
+    from tests.conftest import make_image_folder
+
+    photos = make_image_folder(tmp_path / "photos", per_class=3, size=16)
+    odd = os.path.join(os.fsencode(photos / "train" / "cats"), b"caf\xe9.jpg")  # Latin-1, not UTF-8
+    with open(odd, "wb") as f:
+        f.write((photos / "train" / "cats" / "img_0.jpg").read_bytes())
+    proc = folder_train(tmp_path / "runs", photos, capsys)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Ignored 1 hidden, non-image (by extension) or non-UTF-8-named files" in proc.stdout
+    assert json.loads((tmp_path / "runs" / "f" / "metrics.json").read_text())["num_train"] == 6

@@ -108,3 +108,13 @@ def make_image_folder(root: Path, splits=("train", "val"), classes=("cats", "dog
                 img = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
                 write_image(root / split / name / f"img_{i}.jpg" if split else root / name / f"img_{i}.jpg", img)
     return root
+
+
+def tiny(runs: Path, *more: str) -> list[str]:
+    """--set overrides for a one-epoch smoke run of a few tiny images under `runs`."""
+    return [f"run.dir={runs}", "training.epochs=1", "data.synthetic_size=64", "data.image_size=[16,16]", *more]
+
+
+def smoke_args(overrides: list[str]) -> list[str]:
+    """The train.py arguments for the smoke config with these overrides."""
+    return ["--config", str(REPO / "configs" / "smoke.yaml"), *[a for o in overrides for a in ("--set", o)]]

@@ -304,7 +304,7 @@ def test_a_checkpoint_of_every_family_loads_in_a_fresh_process_as_the_readme_say
         "vgg16": ("configs/cats_vs_dogs_vgg16.yaml", ["model.transfer.weights=null", "data.image_size=[48,48]"]),
         "resnet50": ("configs/cats_vs_dogs_resnet50.yaml", ["model.transfer.weights=null", "data.image_size=[48,48]"]),
     }
-    expected, inputs = {}, {}
+    expected = {}
     for name, (config_file, overrides) in cases.items():
         cfg = config.resolve([str(REPO / config_file)], overrides)
         model = build_model(cfg, 2)

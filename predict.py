@@ -44,10 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = run_of_checkpoint(ckpt)  # a checkpoint inside a run knows its class names and how it was validated
     saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if run_dir else {}
     tta = args.tta if args.tta is not None else flip_tta(saved)
+    trained_on = run_class_names(run_dir) if run_dir else None
     if args.class_names:
         class_names = [c.strip() for c in args.class_names.split(",")]
-    elif run_dir is not None and run_class_names(run_dir):
-        class_names = run_class_names(run_dir)
+    elif trained_on:
+        class_names = trained_on
     else:
         class_names = [f"class_{i}" for i in range(n)]
     if len(class_names) != n:

@@ -11,7 +11,7 @@ from cnnlab import console
 from cnnlab.errors import TrainingError, UserError
 
 # Flag spellings people bring from other trainers, and the config key they mean.
-_FLAG_ALIASES = {"lr": "learning_rate", "bs": "batch_size", "seed": "seed", "img_size": "image_size"}
+_FLAG_ALIASES = {"lr": "learning_rate", "bs": "batch_size", "img_size": "image_size"}
 
 
 def config_key_hint(unrecognized: list[str]) -> str:

@@ -83,6 +83,14 @@ def symmetric_scale(tiles: np.ndarray, per_tile: bool) -> np.ndarray:
     return 0.5 + 0.5 * tiles / peak
 
 
+def tile_origins(n: int, tile_size: tuple[int, int], columns: int | None = None, zoom: int = 8,
+                 gap: int = 1) -> list[tuple[int, int]]:
+    """The (row, column) pixel of each tile's top-left corner in `tile_grid`'s layout: row by row, about square."""
+    columns = columns or math.ceil(math.sqrt(n))
+    th, tw = tile_size[0] * zoom, tile_size[1] * zoom
+    return [(gap + (i // columns) * (th + gap), gap + (i % columns) * (tw + gap)) for i in range(n)]
+
+
 def tile_grid(tiles: np.ndarray, columns: int | None = None, zoom: int = 8, gap: int = 1,
               background: float = 1.0) -> np.ndarray:
     """Lays out (N, h, w[, 3]) tiles in [0, 1] as one image, each tile enlarged `zoom` times (nearest)."""
@@ -93,10 +101,8 @@ def tile_grid(tiles: np.ndarray, columns: int | None = None, zoom: int = 8, gap:
     rows = math.ceil(n / columns)
     th, tw = h * zoom, w * zoom
     grid = np.full((rows * (th + gap) + gap, columns * (tw + gap) + gap, channels), background, np.float32)
-    for i in range(n):
-        r, c = divmod(i, columns)
-        big = np.repeat(np.repeat(tiles[i], zoom, axis=0), zoom, axis=1)
-        grid[gap + r * (th + gap): gap + r * (th + gap) + th, gap + c * (tw + gap): gap + c * (tw + gap) + tw] = big
+    for i, (top, left) in enumerate(tile_origins(n, (h, w), columns, zoom, gap)):
+        grid[top:top + th, left:left + tw] = np.repeat(np.repeat(tiles[i], zoom, axis=0), zoom, axis=1)
     return grid if channels == 3 else grid[..., 0]
 
 
@@ -126,13 +132,10 @@ def kernel_grid(kernel: np.ndarray, per_tile: bool = True, zoom: int = 8, max_fi
 
 
 def number_tiles(ax, n: int, tile_size: tuple[int, int], zoom: int = 8, gap: int = 1) -> None:
-    """Writes each tile's filter number in its top-left corner, on a grid laid out as `tile_grid` lays it out, so
-    that text can point at a filter ("#2")."""
-    columns = math.ceil(math.sqrt(n))
-    th, tw = tile_size[0] * zoom, tile_size[1] * zoom
-    for i in range(n):
-        r, c = divmod(i, columns)
-        ax.text(gap + c * (tw + gap) + 1, gap + r * (th + gap) + 1, str(i), fontsize=6, color="white",
+    """Writes each tile's filter number in its top-left corner of a `tile_grid` image, so that text can point at a
+    filter ("#2")."""
+    for i, (top, left) in enumerate(tile_origins(n, tile_size, zoom=zoom, gap=gap)):
+        ax.text(left + 1, top + 1, str(i), fontsize=6, color="white",
                 va="top", ha="left", bbox={"boxstyle": "square,pad=0.1", "facecolor": "black", "alpha": 0.5,
                                            "linewidth": 0})
 

@@ -30,21 +30,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="average each prediction with the mirror image's (default: as the run's augment.tta)")
     args = parser.parse_args(argv)
 
-    import yaml
-
-    from cnnlab.config import flip_tta
+    from cnnlab.config import flip_tta, load_defaults
     from cnnlab.errors import UserError
     from cnnlab.evaluation import image_files, num_model_classes, predict_files
-    from cnnlab.runs import checkpoint_path, load_checkpoint, run_class_names, run_of_checkpoint
+    from cnnlab.runs import RunDir, load_checkpoint
 
     files = image_files(args.target)
-    ckpt = checkpoint_path(args.run, "best") if args.run else Path(args.checkpoint)
+    ckpt = RunDir.open(args.run).checkpoint("best") if args.run else Path(args.checkpoint)
     model = load_checkpoint(ckpt)
     n = num_model_classes(model)
-    run_dir = run_of_checkpoint(ckpt)  # a checkpoint inside a run knows its class names and how it was validated
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if run_dir else {}
-    tta = args.tta if args.tta is not None else flip_tta(saved)
-    trained_on = run_class_names(run_dir) if run_dir else None
+    run = RunDir.of_checkpoint(ckpt)  # a checkpoint inside a run knows its class names and how it was validated
+    tta = args.tta if args.tta is not None else flip_tta(run.saved_config() if run else {})
+    trained_on = run.class_names() if run else None
     if args.class_names:
         class_names = [c.strip() for c in args.class_names.split(",")]
     elif trained_on:
@@ -54,11 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     if len(class_names) != n:
         raise UserError(f"--class-names: the model predicts {n} classes. Received: {len(class_names)} names")
 
-    rows, unreadable = predict_files(model, files, class_names, tta=tta)
+    data_cfg = run.config()["data"] if run else load_defaults()["data"]
+    rows, unreadable = predict_files(model, files, class_names, data_cfg["max_image_megapixels"], tta=tta)
     if len(files) == 1 and unreadable:
-        raise UserError(f"IMAGE_OR_FOLDER: {files[0]} is not a readable image (JPEG, PNG, BMP or GIF).")
-    for f in unreadable:
-        print(f"skipped (not a readable image): {f}", file=sys.stderr)
+        raise UserError(f"IMAGE_OR_FOLDER: {files[0]} {unreadable[files[0]]}.")
+    for f, reason in unreadable.items():
+        print(f"skipped: {f} {reason}", file=sys.stderr)
     for row in rows:
         print(f"{row['label']:<12} {row['probability']:.4f}  {row['file']}")
     if args.csv:

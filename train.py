@@ -21,9 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="build the data pipeline and model, print, exit")
     args = parser.parse_args(argv)
 
-    from cnnlab.config import dump, resolve_for_run
+    from cnnlab.config import dump
+    from cnnlab.runs import config_for_training
 
-    cfg = resolve_for_run(args.config, args.overrides, args.resume)
+    cfg = config_for_training(args.config, args.overrides, args.resume)
     if args.print_config:
         print(dump(cfg), end="")
         return 0

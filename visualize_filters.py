@@ -36,26 +36,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="output folder")
     args = parser.parse_args(argv)
 
-    from cnnlab.config import resolve
+    from cnnlab.config import load_defaults, resolve
     from cnnlab.data import load_image, sample_image
     from cnnlab.errors import UserError
     from cnnlab.modeling import build_model
-    from cnnlab.runs import checkpoint_path, load_checkpoint, run_config, run_of_checkpoint
+    from cnnlab.runs import RunDir, load_checkpoint
     from cnnlab import plots
     from cnnlab.visualize import write_filter_figures
 
     cfg, initial = None, None
     if args.run:
-        cfg = run_config(args.run, args.overrides)
-        model = load_checkpoint(checkpoint_path(args.run, "best"))
-        initial_path = Path(args.run) / "checkpoints" / "initial.keras"
-        initial = load_checkpoint(initial_path) if initial_path.is_file() else None
-        name, out = Path(args.run).name, Path(args.out or Path(args.run) / "figures")
+        run = RunDir.open(args.run)
+        cfg = run.config(args.overrides)
+        model = run.load("best")
+        initial = run.load("initial") if run.has_checkpoint("initial") else None
+        name, out = run.path.name, Path(args.out or run.figures_dir)
     elif args.checkpoint:
         model = load_checkpoint(args.checkpoint)
-        run_dir = run_of_checkpoint(args.checkpoint)
-        name = f"{run_dir.name}/{Path(args.checkpoint).stem}" if run_dir else Path(args.checkpoint).stem
-        out = Path(args.out or (run_dir / "figures" if run_dir else "figures"))
+        run = RunDir.of_checkpoint(args.checkpoint)
+        name = f"{run.path.name}/{Path(args.checkpoint).stem}" if run else Path(args.checkpoint).stem
+        out = Path(args.out or (run.figures_dir if run else "figures"))
     else:
         cfg = resolve(args.config, args.overrides)
         model = build_model(cfg, num_classes=2)
@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     size = tuple(model.input_shape[1:3])
     image, label = None, ""
     if args.image:
-        image, label = load_image(args.image, size), args.image
+        budget = (cfg or load_defaults())["data"]["max_image_megapixels"]
+        image, label = load_image(args.image, size, budget), args.image
     elif cfg is not None:
         found = sample_image({**cfg["data"], "image_size": list(size)}, seed=cfg["run"]["seed"])
         if found is not None:

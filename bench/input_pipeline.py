@@ -23,7 +23,7 @@ import cnnlab  # noqa: E402,F401  (quiet TensorFlow logs)
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from cnnlab import config, data  # noqa: E402
+from cnnlab import config, data, images  # noqa: E402
 from cnnlab.modeling import augmentation_layers  # noqa: E402
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     modes = {
         "decode only (read + decode_image)": decode_only(
             lambda b: tf.io.decode_image(b, channels=3, expand_animations=False)),
-        "project: decode (DCT-scaled), no resize": decode_only(lambda b: data.decode_scaled(b, size)),
+        "project: decode (DCT-scaled), no resize": decode_only(lambda b: images.decode_scaled(b, size)),
         "project: decode + resize": project(False),
         "project: decode + resize + augment": project(True),
         "image_dataset_from_directory": tutorial,

@@ -36,7 +36,6 @@ stopped from outside; its row counts the epochs that ended within the budget. It
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
@@ -48,6 +47,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the project's own model report, for MACs
+from cnnlab.runs import RunDir  # noqa: E402  (reads no TensorFlow)
+
 SHARED = REPO.parent / "shared" / "data" / "cats_vs_dogs"
 THRESHOLDS = (0.75, 0.80, 0.85, 0.90)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
@@ -121,7 +122,7 @@ def run_config(config_file: str, seed: int, folds: dict[str, Path], work: Path, 
         subprocess.run(cmd, cwd=REPO, timeout=budget_s + 60, check=False)
     except subprocess.TimeoutExpired:
         print(f"(stopped at the budget of {budget_s / 60:.1f} min)")
-    rows = list(csv.DictReader(open(run_dir / "history.csv"))) if (run_dir / "history.csv").exists() else []
+    rows = RunDir(run_dir).history()  # the committed epochs, also of a run stopped at the bench's time limit
     history = [{"epoch": int(r["epoch"]), "elapsed": float(r["elapsed_seconds"]),
                 "epoch_seconds": float(r["epoch_seconds"]), "val_accuracy": float(r["val_accuracy"])}
                for r in rows]
@@ -148,19 +149,19 @@ def score_epochs(run_dir: Path, epochs: list[int]) -> dict[int, float]:
     """Every kept epoch checkpoint (`run.keep_every_epoch`) scored on the held-out half, as evaluate.py scores the
     best one (with flip test-time augmentation where the config validates with it): {epoch: accuracy}, for the
     epochs whose checkpoint is there."""
-    import yaml
-
     from cnnlab.config import flip_tta
     from cnnlab.evaluation import predict_split
     from cnnlab.runs import load_checkpoint
     from cnnlab.training import training_phases
 
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    run = RunDir(run_dir)
+    cfg = run.saved_config()
     phases = training_phases(cfg)
+    kept = run.kept_epochs()
     scores, model, model_phase = {}, None, None
     for epoch in epochs:
-        path = run_dir / "checkpoints" / f"epoch_{epoch:03d}.keras"
-        if not path.is_file():
+        path = kept.get(epoch)
+        if path is None:
             continue
         # A progressive-resizing stage's model resizes the images to its own size first, as its val epochs did: a
         # new stage needs its own model; within a stage, only the weights change (a tenth of the time to load).
@@ -181,13 +182,12 @@ def add_held_out_curves(rows: dict[str, dict], work: Path) -> None:
         for run in row["runs"]:
             history = run["history"]
             run_dir = work / "runs" / f"{name}-seed{run['seed']}"
-            if history and "held_out_accuracy" not in history[-1] and (run_dir / "checkpoints").is_dir():
+            if history and "held_out_accuracy" not in history[-1] and RunDir(run_dir).kept_epochs():
                 scores = score_epochs(run_dir, [h["epoch"] for h in history])
                 if len(scores) == len(history):
                     for h in history:
                         h["held_out_accuracy"] = scores[h["epoch"]]
-                    for kept in (run_dir / "checkpoints").glob("epoch_*.keras"):
-                        kept.unlink()
+                    RunDir(run_dir).drop_kept_epochs()
 
 
 def both_ways_gap(history: list[dict]) -> float | None:

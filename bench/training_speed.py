@@ -14,7 +14,6 @@ cache, float32), for the same epochs and image size, on the shared photos, and c
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import sys
 import tempfile
@@ -30,6 +29,7 @@ import tensorflow as tf  # noqa: E402
 
 from cnnlab import config, data  # noqa: E402
 from cnnlab.modeling import build_model, family_network  # noqa: E402
+from cnnlab.runs import RunDir  # noqa: E402
 from cnnlab.runtime import set_precision  # noqa: E402
 from cnnlab.training import compile_model, train  # noqa: E402
 
@@ -160,10 +160,9 @@ def project_way(cfg: dict, epochs: int) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as runs:
         cfg = config.resolve([], [f"run.dir={runs}", f"training.epochs={epochs}"], base=cfg)
         start = time.perf_counter()
-        train(cfg, ["bench.yaml"])
+        run = RunDir(train(cfg, ["bench.yaml"]))
         wall = 2000 * epochs / (time.perf_counter() - start)
-        history = list(csv.DictReader(open(next(Path(runs).glob("*/history.csv")))))
-        return wall, 2000 / float(history[-1]["epoch_seconds"])
+        return wall, 2000 / run.history()[-1]["epoch_seconds"]
 
 
 def versus_tutorial(args) -> None:

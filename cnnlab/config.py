@@ -287,6 +287,7 @@ RULES: dict[str, Callable] = {
     "data.test_split": _num_in(0, 1),
     "data.shuffle_buffer": _int_at_least(1),
     "data.on_bad_image": _choice("skip", "fail"),
+    "data.max_image_megapixels": _positive_number,
     "data.synthetic_size": _int_at_least(8),
     "data.synthetic_classes": _int_at_least(2),
     "augment.flip": _choice("none", "horizontal", "vertical", "horizontal_and_vertical"),
@@ -522,16 +523,3 @@ def resolve(config_files: list[str], overrides: list[str] = (), base: dict | Non
 def dump(cfg: dict) -> str:
     """The config as YAML text, in the defaults' key order."""
     return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
-
-
-def resolve_for_run(config_files: list[str], overrides: list[str], resume: str | bool | None = None) -> dict:
-    """The config of a training command: a run's saved config.yaml when resuming RUN_DIR, else the defaults;
-    then the --config files and the --set overrides on top."""
-    if isinstance(resume, str):
-        saved = Path(resume) / "config.yaml"
-        if not saved.is_file():
-            raise UserError(f"--resume: {resume} is not a run directory (no config.yaml).")
-        return resolve(config_files, overrides, base=resolve([str(saved)]))
-    if not config_files:
-        raise UserError("give --config FILE (e.g. --config configs/smoke.yaml), or --resume RUN_DIR.")
-    return resolve(config_files, overrides)

@@ -16,24 +16,21 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import socket
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from cnnlab.config import as_size
-from cnnlab.console import held_native_stderr
 from cnnlab.errors import UserError
+from cnnlab.images import (IMAGE_EXTENSIONS, UnreadableImage, decode_and_resize, find_images, read_image,
+                           resize_decoded, scan_images)
 
 AUTOTUNE = tf.data.AUTOTUNE
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
 
 @dataclass
@@ -49,7 +46,8 @@ class Datasets:
     num_val: int
     num_test: int
     batch_size: int
-    skipped: list[str] = field(default_factory=list)   # files that could not be decoded (folder source)
+    skipped: list[str] = field(default_factory=list)   # files that cannot be read (folder source)
+    too_large: list[str] = field(default_factory=list)  # of those, the ones over data.max_image_megapixels
     ignored: list[str] = field(default_factory=list)   # hidden or non-image files (folder source)
 
     @property
@@ -66,36 +64,6 @@ def encode_labels(labels: tf.Tensor, num_classes: int) -> tf.Tensor:
     if num_classes == 2:
         return tf.cast(tf.expand_dims(labels, -1), tf.float32)
     return tf.one_hot(labels, num_classes, dtype=tf.float32)
-
-
-# The headers of a 1x1 JPEG (start of image, frame, scan, end): all extract_jpeg_shape reads.
-_TINY_JPEG = (b"\xff\xd8" b"\xff\xc0\x00\x11\x08\x00\x01\x00\x01\x03\x01\x11\x00\x02\x11\x00\x03\x11\x00"
-              b"\xff\xda\x00\x0c\x03\x01\x00\x02\x00\x03\x00\x00\x3f\x00" b"\xff\xd9")
-
-
-def decode_scaled(contents: tf.Tensor, image_size: tuple[int, int]) -> tf.Tensor:
-    """Decodes JPEG, PNG, BMP or GIF bytes to uint8 RGB. A JPEG is decoded at 1/1, 1/2, 1/4 or 1/8 scale (libjpeg's
-    DCT scaling), the smallest that still covers `image_size`: far cheaper than a full decode, and an averaging rather
-    than a skipping of pixels."""
-    is_jpeg = tf.io.is_jpeg(contents)
-    # extract_jpeg_shape fails on other formats, so it reads a stand-in header for them.
-    shape = tf.image.extract_jpeg_shape(tf.where(is_jpeg, contents, _TINY_JPEG))
-    room = tf.minimum(shape[0] // image_size[0], shape[1] // image_size[1])
-    scale = tf.cast(room >= 2, tf.int32) + tf.cast(room >= 4, tf.int32) + tf.cast(room >= 8, tf.int32)
-    # One flat switch rather than a cond around a switch: each level of branching is a function call per image.
-    branch = tf.where(is_jpeg, scale, 4)
-    return tf.switch_case(branch, [
-        *(lambda r=r: tf.io.decode_jpeg(contents, channels=3, ratio=r) for r in (1, 2, 4, 8)),
-        lambda: tf.ensure_shape(tf.io.decode_image(contents, channels=3, expand_animations=False), [None, None, 3]),
-    ])
-
-
-def decode_and_resize(contents: tf.Tensor, image_size: tuple[int, int]) -> tf.Tensor:
-    """Decodes JPEG, PNG, BMP or GIF bytes (whatever the file is called) to a uint8 RGB image of `image_size`.
-
-    Training, evaluation and prediction all read images through this function, so they see identical pixels.
-    """
-    return decode_and_resize_tensor(decode_scaled(contents, image_size), image_size)
 
 
 def mix_batches(ds: tf.data.Dataset, mixup: float, cutmix: float, seed: int) -> tf.data.Dataset:
@@ -194,29 +162,6 @@ def list_images(split_dir: str, class_names: list[str] | None = None,
     return paths, labels, class_names
 
 
-def _utf8(path: str) -> bool:
-    try:
-        path.encode("utf-8")
-        return True
-    except UnicodeEncodeError:  # os.walk hands bytes that are not UTF-8 over as lone surrogates
-        return False
-
-
-def find_images(folder: str) -> tuple[list[str], list[str]]:
-    """The image files anywhere under `folder` (sub-folders too; hidden ones skipped), sorted, and the files left
-    out: hidden ones, other extensions, and names that are not UTF-8 (TensorFlow takes paths as UTF-8 strings).
-
-    Training, evaluation and prediction all find images with this, so they read the same files."""
-    images, left_out = [], []
-    for root, dirs, names in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in names:
-            path = os.path.join(root, name)
-            usable = not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS) and _utf8(path)
-            (images if usable else left_out).append(path)
-    return sorted(images), sorted(left_out, key=lambda p: p.encode("utf-8", "surrogateescape"))
-
-
 def find_split_dirs(root: str) -> dict[str, str]:
     """`{"train": ..., "val": ..., "test": ...}` for the split folders a root has (val also from validation/)."""
     splits = {}
@@ -267,59 +212,15 @@ def folder_files(data_cfg: dict, seed: int,
     return splits, class_names
 
 
-def scan_cache_dir() -> Path:
-    """Where image-scan results are kept: $XDG_CACHE_HOME/cnnlab/scans (data folders may be read-only)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "cnnlab" / "scans"
-
-
-def scan_images(paths: list[str]) -> list[str]:
-    """The files among `paths` that cannot be decoded as images, decoding each file once per change.
-
-    Every file is decoded (in parallel, by the same decoder as training); results are cached by path, size and
-    modification time, so a second scan of an unchanged folder only stats the files.
-    """
-    if not paths:
-        return []
-    root = os.path.commonpath([os.path.abspath(p) for p in paths])
-    cache_file = scan_cache_dir() / (hashlib.sha1(root.encode()).hexdigest()[:16] + ".json")
-    try:
-        cache = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    stamps = {}
-    for p in paths:
-        st = os.stat(p)
-        stamps[p] = [st.st_size, st.st_mtime_ns]
-    todo = [p for p in paths if cache.get(p, [None, None, None])[:2] != stamps[p]]
-    if todo:
-        ds = tf.data.Dataset.from_tensor_slices(todo)
-        ds = ds.map(lambda p: (p, tf.shape(tf.io.decode_image(tf.io.read_file(p), channels=3,
-                                                                  expand_animations=False))),
-                    num_parallel_calls=AUTOTUNE, deterministic=False).ignore_errors()
-        # TensorFlow's decoders log a line per broken file ("Premature end of JPEG data") at a level its log
-        # settings do not hide; the scan reports those files itself, once.
-        with held_native_stderr():
-            good = {p.decode() for p, _ in ds.as_numpy_iterator()}
-        for p in todo:
-            cache[p] = stamps[p] + [p in good]
-        try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(cache))
-            os.replace(tmp, cache_file)
-        except OSError:
-            pass  # an unwritable cache only costs a re-scan next time
-    return [p for p in paths if not cache[p][2]]
-
-
-def _folder_dataset(paths: list[str], labels: list[int], image_size, shuffle_seed: int | None = None) -> tf.data.Dataset:
-    ds = tf.data.Dataset.from_tensor_slices((paths, np.asarray(labels, np.int32)))
+def _folder_dataset(paths: list[str], labels: list[int], orientations: list[int], image_size,
+                    shuffle_seed: int | None = None) -> tf.data.Dataset:
+    ds = tf.data.Dataset.from_tensor_slices((paths, np.asarray(labels, np.int32), np.asarray(orientations, np.int32)))
     if shuffle_seed is not None:
         # Shuffling file names before decoding is a perfect shuffle for free; a buffer of decoded images costs ~10%
         # of the uncached pipeline's rate (measured: the batch reads images long gone from the CPU caches).
         ds = ds.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
-    ds = ds.map(lambda p, y: (decode_and_resize(tf.io.read_file(p), image_size), y, p), num_parallel_calls=AUTOTUNE)
+    ds = ds.map(lambda p, y, o: (decode_and_resize(tf.io.read_file(p), image_size, o), y, p),
+                num_parallel_calls=AUTOTUNE)
     # A file that passed the listing but fails to decode is dropped rather than ending the epoch.
     return ds.ignore_errors()
 
@@ -422,19 +323,11 @@ def _tfds_datasets(data_cfg: dict, image_size, seed: int):
     out = {}
     for split, spec in split_names.items():
         ds = builder.as_dataset(split=spec, as_supervised=True, shuffle_files=False).enumerate()
-        ds = ds.map(lambda i, xy: (decode_and_resize_tensor(xy[0], image_size), tf.cast(xy[1], tf.int32),
+        ds = ds.map(lambda i, xy: (resize_decoded(xy[0], image_size), tf.cast(xy[1], tf.int32),
                                    tf.strings.join([spec, "#", tf.strings.as_string(i)])),
                     num_parallel_calls=AUTOTUNE)
         out[split] = (ds.ignore_errors(), builder.info.splits[spec].num_examples)
     return out, list(label_feature.names)
-
-
-def decode_and_resize_tensor(image: tf.Tensor, image_size) -> tf.Tensor:
-    """Resizes an already decoded image (as TFDS gives) to a uint8 RGB image of `image_size`."""
-    if image.shape.rank == 3 and image.shape[-1] == 1:
-        image = tf.image.grayscale_to_rgb(image)
-    # Bilinear weights are a convex combination, so the result stays in [0, 255]: rounding is all the cast needs.
-    return tf.cast(tf.round(tf.image.resize(image, image_size)), tf.uint8)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -442,9 +335,11 @@ def decode_and_resize_tensor(image: tf.Tensor, image_size) -> tf.Tensor:
 
 @dataclass
 class SourceReport:
-    """What a folder source left out: undecodable files (skipped) and hidden or non-image files (ignored)."""
+    """What a folder source left out: files it cannot read (skipped: undecodable, or `too_large` for the pixel
+    budget) and hidden or non-image files (ignored)."""
 
     skipped: list[str] = field(default_factory=list)
+    too_large: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
 
 
@@ -473,11 +368,16 @@ def source_splits(data_cfg: dict, seed: int,
         class_names = synthetic_class_names(k)
     elif source == "folder":
         files, class_names = folder_files(data_cfg, seed, report.ignored)
-        bad = set(scan_images([p for paths, _ in files.values() for p in paths]))
+        scan = scan_images([p for paths, _ in files.values() for p in paths], image_size,
+                           data_cfg["max_image_megapixels"])
+        bad = scan.left_out
         if bad and data_cfg["on_bad_image"] == "fail":
             first = next(p for paths, _ in files.values() for p in paths if p in bad)
-            raise UserError(f"data.on_bad_image=fail: {first} cannot be decoded as an image "
-                            f"({len(bad)} such files in data.path); remove them or set data.on_bad_image=skip.")
+            why = ("is over data.max_image_megapixels" if first in scan.over_budget else
+                   "cannot be decoded as an image")
+            raise UserError(f"data.on_bad_image=fail: {first} {why} ({len(bad)} such files in data.path); remove "
+                            "them or set data.on_bad_image=skip.")
+        report.too_large += scan.over_budget
         for split, (paths, labels) in files.items():
             kept = [(p, y) for p, y in zip(paths, labels) if p not in bad]
             report.skipped += [p for p in paths if p in bad]
@@ -487,7 +387,8 @@ def source_splits(data_cfg: dict, seed: int,
                     raise UserError(f"data.path: the {split} split has no decodable image of class {name!r}: all "
                                     f"{len(lost)} of its files fail to decode (e.g. {lost[0]}); replace or remove them.")
             shuffle_seed = seed if shuffle_train_files and split == "train" else None
-            splits[split] = (_folder_dataset([p for p, _ in kept], [y for _, y in kept], image_size, shuffle_seed),
+            splits[split] = (_folder_dataset([p for p, _ in kept], [y for _, y in kept],
+                                             [scan.orientation[p] for p, _ in kept], image_size, shuffle_seed),
                              len(kept))
     else:
         splits, class_names = _tfds_datasets(data_cfg, image_size, seed)
@@ -548,19 +449,18 @@ def build_datasets(data_cfg: dict, seed: int, augment_cfg: dict | None = None) -
         train=built["train"], val=built["val"], test=built.get("test"), class_names=class_names,
         image_size=as_size(data_cfg["image_size"]), num_train=splits["train"][1], num_val=splits["val"][1],
         num_test=splits["test"][1] if "test" in splits else 0, batch_size=data_cfg["batch_size"],
-        skipped=report.skipped, ignored=report.ignored,
+        skipped=report.skipped, too_large=report.too_large, ignored=report.ignored,
     )
 
 
-def load_image(path: str, image_size) -> np.ndarray:
-    """One image file decoded (JPEG/PNG/BMP/GIF) and resized to `image_size`, as float32 in [0, 255]."""
+def load_image(path: str, image_size, max_megapixels: float) -> np.ndarray:
+    """One image file read as training reads it (`images.read_image`), as float32 in [0, 255]."""
     if not os.path.isfile(path):
         raise UserError(f"--image: no such file: {path}")
     try:
-        image = decode_and_resize(tf.io.read_file(path), as_size(image_size))
-    except (tf.errors.InvalidArgumentError, tf.errors.UnknownError):
-        raise UserError(f"--image: {path} is not a readable image (JPEG, PNG, BMP or GIF).") from None
-    return image.numpy().astype(np.float32)
+        return read_image(path, as_size(image_size), max_megapixels).astype(np.float32)
+    except UnreadableImage as e:
+        raise UserError(f"--image: {e}") from None
 
 
 def sample_image(data_cfg: dict, seed: int = 0) -> tuple[np.ndarray, str] | None:
@@ -573,7 +473,7 @@ def sample_image(data_cfg: dict, seed: int = 0) -> tuple[np.ndarray, str] | None
         files, _ = folder_files(data_cfg, seed)
         for path in files["val"][0]:
             try:
-                return load_image(path, data_cfg["image_size"]), path
+                return load_image(path, data_cfg["image_size"], data_cfg["max_image_megapixels"]), path
             except UserError:
                 continue
     return None

@@ -23,9 +23,10 @@ import tensorflow as tf
 
 from cnnlab import config as config_lib
 from cnnlab.config import as_size
-from cnnlab.data import IMAGE_EXTENSIONS, decode_and_resize, find_images, source_splits
+from cnnlab.data import source_splits
+from cnnlab.images import IMAGE_EXTENSIONS, UnreadableImage, find_images, read_image
 from cnnlab.errors import UserError
-from cnnlab.runs import checkpoint_path, load_checkpoint, run_class_names, run_config, run_of_checkpoint
+from cnnlab.runs import RunDir, load_checkpoint
 
 WORST = 16  # how many confidently wrong images the mistakes plot shows
 
@@ -244,11 +245,10 @@ def plot_worst_mistakes(preds: Predictions, title: str):
     return fig
 
 
-def plot_training_curves(history_csv: Path, title: str):
+def plot_training_curves(rows: list[dict], title: str):
+    """Loss and accuracy per epoch, training and validation, from a run's history rows."""
     import matplotlib.pyplot as plt
 
-    with open(history_csv) as f:
-        rows = list(csv.DictReader(f))
     epochs = [int(r["epoch"]) for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in zip(axes, ("loss", "accuracy")):
@@ -276,7 +276,7 @@ def log_to_tensorboard(log_dir: Path, split: str, metrics: dict, confusion_png: 
 
 
 def write_evaluation(preds: Predictions, metrics: dict, out_dir: Path, title: str,
-                     history_csv: Path | None = None) -> list[str]:
+                     run: RunDir | None = None) -> list[str]:
     """metrics.json, predictions.csv and the plots; returns the paths written."""
     from cnnlab.plots import save_figure
 
@@ -288,9 +288,9 @@ def write_evaluation(preds: Predictions, metrics: dict, out_dir: Path, title: st
     if "roc_auc" in metrics:
         written += save_figure(plot_roc(preds, metrics, title), out_dir / "roc")
     written += save_figure(plot_worst_mistakes(preds, title), out_dir / "worst_mistakes")
-    if history_csv is not None and history_csv.is_file():
-        curves_title = f"{history_csv.parent.name}: loss and accuracy per epoch, training and validation split"
-        written += save_figure(plot_training_curves(history_csv, curves_title), out_dir / "training_curves")
+    if run is not None and run.history():
+        curves_title = f"{run.path.name}: loss and accuracy per epoch, training and validation split"
+        written += save_figure(plot_training_curves(run.history(), curves_title), out_dir / "training_curves")
     return written
 
 
@@ -318,38 +318,36 @@ def evaluate(*, run: str | None = None, checkpoint: str | None = None, config_fi
 
     `tta`: average each prediction with the mirror image's; None: as the config says (`augment.tta`), so a run is
     scored the way its validation picked its best checkpoint."""
-    history, run_dir = None, None
+    run_dir = None
     if run:
-        run_dir = Path(run)
-        cfg = run_config(run_dir, overrides)
-        ckpt = checkpoint_path(run_dir, "best")
-        history = run_dir / "history.csv"
+        run_dir = RunDir.open(run)
+        cfg = run_dir.config(overrides)
+        ckpt = run_dir.checkpoint("best")
     else:
         ckpt = Path(checkpoint)
         if config_files:
             cfg = config_lib.resolve(list(config_files), list(overrides))
-        elif run_of_checkpoint(ckpt) is not None:  # a checkpoint inside a run directory knows its config
-            run_dir = run_of_checkpoint(ckpt)
-            cfg = run_config(run_dir, overrides)
+        elif RunDir.of_checkpoint(ckpt) is not None:  # a checkpoint inside a run directory knows its config
+            run_dir = RunDir.of_checkpoint(ckpt)
+            cfg = run_dir.config(overrides)
         else:
             raise UserError(f"--checkpoint: {ckpt} is not inside a run directory; pass --config FILE to say how to "
                             "read the data.")
     model = load_checkpoint(ckpt)
     tta = config_lib.flip_tta(cfg) if tta is None else tta
-    preds, split = predict_split(model, cfg, split, tta, trained_on=run_class_names(run_dir) if run_dir else None)
+    preds, split = predict_split(model, cfg, split, tta, trained_on=run_dir.class_names() if run_dir else None)
     metrics = compute_metrics(preds.labels, preds.probs, preds.class_names)
     metrics.update({
         "split": split, "checkpoint": str(ckpt), "tta": tta, "params": int(model.count_params()),
         "images_per_second": len(preds.ids) / preds.seconds if preds.seconds else float("nan"),
     })
-    default_out = (run_dir / "eval" / split) if run_dir else Path("eval") / ckpt.stem / split
+    default_out = run_dir.eval_dir(split) if run_dir else Path("eval") / ckpt.stem / split
     out_dir = Path(out) if out else default_out
-    title = f"{run_dir.name if run_dir else ckpt.stem} / {ckpt.name} / {split}{' + flip TTA' if tta else ''}"
-    written = write_evaluation(preds, metrics, out_dir, title, history)
+    title = f"{run_dir.path.name if run_dir else ckpt.stem} / {ckpt.name} / {split}{' + flip TTA' if tta else ''}"
+    written = write_evaluation(preds, metrics, out_dir, title, run_dir)
     if run_dir is not None:
-        state = run_dir / "state.json"
-        step = json.loads(state.read_text()).get("best_epoch", 0) if state.is_file() else 0
-        log_to_tensorboard(run_dir / "logs", split, metrics, str(out_dir / "confusion_matrix.png"), step)
+        log_to_tensorboard(run_dir.logs_dir, split, metrics, str(out_dir / "confusion_matrix.png"),
+                           run_dir.state()["best_epoch"])
     print(format_metrics(metrics))
     for path in written:
         print(f"Wrote {path}")
@@ -384,16 +382,16 @@ def image_files(target: str) -> list[str]:
     return files
 
 
-def predict_files(model: keras.Model, files: list[str], class_names: list[str], batch_size: int = 32,
-                  tta: bool = False) -> tuple[list[dict], list[str]]:
-    """Label and probabilities for each readable file (decoded and resized exactly as in training); with `tta`,
-    averaged with the mirror image's.
+def predict_files(model: keras.Model, files: list[str], class_names: list[str], max_megapixels: float,
+                  batch_size: int = 32, tta: bool = False) -> tuple[list[dict], dict[str, str]]:
+    """Label and probabilities for each readable file (read exactly as in training: `images.read_image`); with
+    `tta`, averaged with the mirror image's.
 
     Returns:
-        The rows, and the files that could not be read as images.
+        The rows, and the files that were not read, each with the reason.
     """
     size = tuple(model.input_shape[1:3])
-    rows, unreadable, batch, batch_files = [], [], [], []
+    rows, unreadable, batch, batch_files = [], {}, [], []
 
     def flush():
         if batch:
@@ -406,10 +404,10 @@ def predict_files(model: keras.Model, files: list[str], class_names: list[str], 
 
     for f in files:
         try:
-            batch.append(decode_and_resize(tf.io.read_file(f), size))
+            batch.append(read_image(f, size, max_megapixels))
             batch_files.append(f)
-        except (tf.errors.InvalidArgumentError, tf.errors.UnknownError):
-            unreadable.append(f)
+        except UnreadableImage as e:
+            unreadable[f] = e.reason
         if len(batch) == batch_size:
             flush()
     flush()

@@ -1,37 +1,15 @@
-"""Training: a resolved config in, a run directory out.
-
-A run directory is the contract between training and everything that reads a run:
-
-    <run.dir>/<run.name>/
-        config.yaml              the resolved config (re-running it reproduces the run)
-        checkpoints/best.keras   the model of the epoch with the best val accuracy
-        checkpoints/last.keras   the model (with optimizer state) after the last completed epoch
-        checkpoints/initial.keras  the model as initialised, before any training
-        checkpoints/epoch_NNN.keras  with run.keep_every_epoch: the model after each epoch, to score every epoch later
-        logs/                    TensorBoard: loss, accuracy, learning rate per epoch; weight histograms
-        history.csv              one row per completed epoch
-        metrics.json             the best epoch and its val metrics
-        state.json               what `--resume` needs: completed epochs, best so far, the history
-
-Every file is written to a temporary name and renamed into place, so a run killed at any moment leaves the files of
-its last completed epoch intact and `--resume` continues from there.
-"""
+"""Training: a resolved config in, a run directory out (its files and how an epoch is committed: `cnnlab.runs`)."""
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
-import json
 import math
-import os
 import shutil
 import signal
 import sys
 import tempfile
 import time
 import warnings
-from datetime import datetime
 from pathlib import Path
 
 import keras
@@ -44,167 +22,9 @@ from cnnlab.errors import TrainingError, UserError
 from cnnlab.modeling import (build_model, model_input_size, network_input_size, resize_model,
                               stage_image_size, without_pretrained_weights)
 from cnnlab.report import format_report, model_report
-from cnnlab.runs import hold_run_lock, load_checkpoint, run_class_names
+from cnnlab.runs import RunDir, fresh_state
 from cnnlab.runtime import enable_memory_growth, make_strategy, resolve_jit, set_precision, set_seed
 
-STATE_FILE = "state.json"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Files written atomically
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Writes `text` to `path` through a temporary file and a rename, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_model_atomic(model: keras.Model, path: Path) -> None:
-    """Saves a `.keras` checkpoint through a temporary file and a rename; the previous one stays until then.
-
-    Raises:
-        TrainingError: the file could not be written (a full disk, a lost mount); earlier checkpoints are kept.
-    """
-    tmp = path.with_name(f"{path.stem}.tmp.keras")  # Keras insists on the .keras suffix
-    try:
-        model.save(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise TrainingError(f"could not write checkpoint {path} ({e.strerror or e}); the checkpoints written before "
-                            f"it are kept in {path.parent}. Free some space, then resume.") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def keep_epoch_checkpoint(ckpt_dir: Path, epoch: int) -> None:
-    """Keeps last.keras as epoch_NNN.keras: a hard link (the next epoch's last.keras is a new file renamed into
-    place, so the link keeps this epoch's bytes and costs no time in the epoch), or a copy where links fail."""
-    kept = ckpt_dir / f"epoch_{epoch:03d}.keras"
-    kept.unlink(missing_ok=True)  # a resumed or overwritten run redoes this epoch
-    try:
-        os.link(ckpt_dir / "last.keras", kept)
-    except OSError:
-        shutil.copyfile(ckpt_dir / "last.keras", kept)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Run directory
-
-
-def _default_name(config_files: list[str]) -> str:
-    stem = Path(config_files[0]).stem if config_files else "run"
-    return f"{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-
-
-def create_run_dir(cfg: dict, config_files: list[str], overwrite: bool) -> tuple[Path, Path | None]:
-    """Claims a new run directory. `os.mkdir` is atomic, so two runs started at once never share one.
-
-    Returns the run directory and, with `overwrite` of an existing run, where the old run was moved aside: it is
-    removed only once the new run has completed an epoch (`settle_replaced_run`). run.name is a plain folder name
-    (the config schema says so), so the run directory is always directly inside run.dir.
-    """
-    parent = Path(cfg["run"]["dir"])
-    parent.mkdir(parents=True, exist_ok=True)
-    explicit = cfg["run"]["name"]
-    if explicit:
-        run_dir = parent / explicit
-        if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
-            raise UserError(f"run.name: {run_dir} exists and is not a run directory (a link or a file); choose "
-                            f"another run.name. Received: {explicit!r}")
-        aside = None
-        if run_dir.exists():
-            if not overwrite:
-                raise UserError(
-                    f"run.name: {run_dir} already exists; continue it with --resume {run_dir}, "
-                    "replace it with --overwrite, or choose another run.name."
-                )
-            aside = parent / f".{explicit}.replaced-{os.getpid()}"
-            os.replace(run_dir, aside)
-        try:
-            run_dir.mkdir()
-        except FileExistsError:
-            raise UserError(f"run.name: {run_dir} was just created by another run; choose another run.name.") from None
-        return run_dir, aside
-    base = _default_name(config_files)
-    for attempt in range(1, 1000):
-        run_dir = parent / (base if attempt == 1 else f"{base}-{attempt}")
-        try:
-            run_dir.mkdir()
-            return run_dir, None
-        except FileExistsError:
-            continue
-    raise UserError(f"run.dir: could not find a free run name under {parent} for {base}.")
-
-
-def settle_replaced_run(run_dir: Path, aside: Path | None) -> None:
-    """After `--overwrite`: removes the old run once the new one has committed an epoch (its state.json); else
-    deletes the new, epoch-less directory and puts the old run back where it was."""
-    if aside is None:
-        return
-    if (run_dir / STATE_FILE).exists():
-        shutil.rmtree(aside, ignore_errors=True)
-        return
-    shutil.rmtree(run_dir, ignore_errors=True)
-    os.replace(aside, run_dir)
-    print(f"The new run ended before its first epoch; {run_dir} is the old run again, as it was.", file=sys.stderr)
-
-
-def fresh_state() -> dict:
-    """The state of a run with no completed epoch."""
-    return {"epoch": 0, "best_epoch": 0, "best_val_accuracy": None, "history": []}
-
-
-def load_state(run_dir: Path) -> dict:
-    """The resume state of a run directory; a run killed before its first epoch ended has none."""
-    path = run_dir / STATE_FILE
-    return json.loads(path.read_text()) if path.exists() else fresh_state()
-
-
-# What a checkpoint cannot follow when a run is resumed with --set: the network, and the images it takes.
-FIXED_ON_RESUME = ("model", "data.image_size", "augment.crop")
-
-
-def check_resumable(run_dir: Path, cfg: dict, class_names: list[str], state: dict) -> None:
-    """Refuses, before anything is written, a resume whose checkpoint cannot continue: a change to the network, the
-    images it takes or the classes it predicts, or a run that records epochs but lost its last checkpoint."""
-    if not state["epoch"]:
-        return  # nothing was committed: the run starts over in its directory, with whatever config it is given
-    if not (run_dir / "checkpoints" / "last.keras").is_file():
-        raise UserError(f"--resume: {run_dir} records {state['epoch']} completed epochs but has no "
-                        "checkpoints/last.keras to continue from; start a new run (another run.name, or --overwrite).")
-    saved = config_lib.resolve([str(run_dir / "config.yaml")])
-    for key in FIXED_ON_RESUME:
-        old, new = saved, cfg
-        for part in key.split("."):
-            old, new = old[part], new[part]
-        if old != new:
-            raise UserError(f"--resume: {key} cannot change for a run with checkpoints ({run_dir} has {old!r}); "
-                            f"start a new run instead. Received: {new!r}")
-    trained = run_class_names(run_dir)
-    if trained is not None and list(trained) != list(class_names):
-        raise UserError(f"--resume: the data's classes must be the run's {list(trained)}, the classes its "
-                        f"checkpoints predict. Received: {list(class_names)}")
-
-
-def find_run_for_resume(resume: str | bool, cfg: dict) -> Path:
-    """The run directory `--resume [RUN_DIR]` points at."""
-    if isinstance(resume, str):
-        run_dir = Path(resume)
-    elif cfg["run"]["name"]:
-        run_dir = Path(cfg["run"]["dir"]) / cfg["run"]["name"]
-    else:
-        raise UserError("--resume: give the run directory (--resume runs/NAME), or a config that sets run.name.")
-    if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"--resume: {run_dir} is not a run directory (no config.yaml).")
-    return run_dir
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -331,22 +151,21 @@ def carry_optimizer_state(previous: keras.optimizers.Optimizer, model: keras.Mod
 
 
 class RunCheckpoint(keras.callbacks.Callback):
-    """After every epoch: last.keras, best.keras when val accuracy improved, history.csv, metrics.json, state.json.
+    """Commits every completed epoch to the run directory (`RunDir.commit_epoch`: checkpoint, then state.json, then
+    the files derived from it).
 
-    state.json is written last: it is the commit point that `--resume` trusts. It also stops training at the end of a
-    step when the loss is not finite or Ctrl-C was pressed, and then leaves the partial epoch unrecorded.
+    It also stops training at the end of a step when the loss is not finite or Ctrl-C was pressed, and then leaves
+    the partial epoch uncommitted.
     """
 
-    def __init__(self, run_dir: Path, state: dict, extra_metrics: dict, keep_every_epoch: bool = False):
+    def __init__(self, run: RunDir, state: dict, keep_every_epoch: bool = False):
         super().__init__()
         self.keep_every_epoch = keep_every_epoch
         self.stop_reason: str | None = None   # set when training stops early: "nan" or "interrupt"
         self.stop_where = ""
         self.interrupt_requested = False      # set by the SIGINT handler; acted on at the end of the step
-        self.run_dir = run_dir
-        self.ckpt_dir = run_dir / "checkpoints"
-        self.state = state
-        self.extra_metrics = extra_metrics
+        self.run = run
+        self.state = state                    # the committed state, updated in place as epochs are committed
         self._epoch_start = 0.0
         self._elapsed_before = state["history"][-1]["elapsed_seconds"] if state["history"] else 0.0
         self._train_start: float | None = None
@@ -382,49 +201,14 @@ class RunCheckpoint(keras.callbacks.Callback):
             self.stop_reason, self.stop_where = "interrupt", f"the end of epoch {epoch + 1}"
             self.model.stop_training = True
         logs = dict(logs or {})
-        now = time.perf_counter()
         row = {"epoch": epoch + 1}
         row.update({k: float(v) for k, v in logs.items() if k != "learning_rate"})
         row["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-        row["epoch_seconds"] = round(now - self._epoch_start, 3)
+        row["epoch_seconds"] = round(time.perf_counter() - self._epoch_start, 3)
         row["elapsed_seconds"] = round(self.elapsed(), 3)
-
-        save_model_atomic(self.model, self.ckpt_dir / "last.keras")
-        if self.keep_every_epoch:
-            keep_epoch_checkpoint(self.ckpt_dir, epoch + 1)
-        val_acc = row.get("val_accuracy")
-        best = self.state["best_val_accuracy"]
-        if val_acc is not None and (best is None or val_acc > best):
-            save_model_atomic(self.model, self.ckpt_dir / "best.keras")
-            self.state["best_val_accuracy"] = val_acc
-            self.state["best_epoch"] = epoch + 1
-
-        history = [r for r in self.state["history"] if r["epoch"] < epoch + 1] + [row]
-        self.state["history"] = history
-        self.state["epoch"] = epoch + 1
-        write_text_atomic(self.run_dir / "history.csv", _history_csv(history))
-        write_text_atomic(self.run_dir / "metrics.json", json.dumps(self.metrics(), indent=2) + "\n")
-        write_text_atomic(self.run_dir / STATE_FILE, json.dumps(self.state, indent=1) + "\n")
-
-    def metrics(self) -> dict:
-        best_row = next((r for r in self.state["history"] if r["epoch"] == self.state["best_epoch"]), {})
-        return {
-            "best_epoch": self.state["best_epoch"],
-            **{k: v for k, v in best_row.items() if k.startswith("val_")},
-            "epochs_completed": self.state["epoch"],
-            **self.extra_metrics,
-        }
-
-
-def _history_csv(rows: list[dict]) -> str:
-    fields: list[str] = []
-    for row in rows:
-        fields += [k for k in row if k not in fields]
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue()
+        committed = self.run.commit_epoch(self.model, self.state, row, self.keep_every_epoch)
+        self.state.clear()
+        self.state.update(committed)
 
 
 class AveragedWeights(keras.callbacks.SwapEMAWeights):
@@ -528,13 +312,16 @@ def describe(cfg: dict) -> str:
     return "\n".join(lines)
 
 
-def report_left_out(data: Datasets, run_dir: Path) -> None:
+def report_left_out(data: Datasets, run: RunDir) -> None:
     """Says which files a folder source left out, and lists the undecodable ones in the run directory."""
     if data.skipped:
-        write_text_atomic(run_dir / "bad_images.txt", "".join(f"{p}\n" for p in data.skipped))
+        run.write_text(run.BAD_IMAGES, "".join(f"{p}\n" for p in data.skipped))
         shown = ", ".join(data.skipped[:3]) + (", ..." if len(data.skipped) > 3 else "")
         print(f"Skipped {len(data.skipped)} files that cannot be decoded as images ({shown}); the full list is in "
-              f"{run_dir / 'bad_images.txt'}.")
+              f"{run.path / run.BAD_IMAGES}.")
+    if data.too_large:
+        print(f"Of those, {len(data.too_large)} would decode to more than data.max_image_megapixels and were not "
+              "decoded.")
     if data.ignored:
         print(f"Ignored {len(data.ignored)} hidden, non-image (by extension) or non-UTF-8-named files in data.path.")
 
@@ -566,7 +353,7 @@ class stop_on_first_interrupt:
         return False
 
 
-def raise_stop(checkpoint: RunCheckpoint, run_dir: Path, cfg: dict) -> None:
+def raise_stop(checkpoint: RunCheckpoint, run_dir: RunDir, cfg: dict) -> None:
     """Ends a run that stopped early: an interrupt exits 130 with the resume command; a NaN loss is an error."""
     done = checkpoint.state["epoch"]
     saved = f"epochs 1-{done} are saved in {run_dir}" if done else "no epoch was completed"
@@ -578,7 +365,7 @@ def raise_stop(checkpoint: RunCheckpoint, run_dir: Path, cfg: dict) -> None:
     if cfg["runtime"]["precision"] != "float32":
         hint += " or set runtime.precision=float32"
     raise TrainingError(f"the loss became NaN or infinite at {checkpoint.stop_where}; {hint}. The last good "
-                        f"checkpoints ({saved}) are in {run_dir / 'checkpoints'}.")
+                        f"checkpoints ({saved}) are in {run_dir.checkpoints_dir}.")
 
 
 def train(cfg: dict, config_files: list[str], *, resume: str | bool | None = None, overwrite: bool = False,
@@ -608,62 +395,65 @@ def train(cfg: dict, config_files: list[str], *, resume: str | bool | None = Non
     data = build_datasets(cfg["data"], seed=cfg["run"]["seed"], augment_cfg=cfg["augment"])
 
     aside = None  # with --overwrite, the old run until the new one has committed an epoch
+    keep_every_epoch = cfg["run"]["keep_every_epoch"]
     with contextlib.ExitStack() as held:
         if resume:
-            run_dir = find_run_for_resume(resume, cfg)
+            run = RunDir.for_resume(resume, cfg)
             if dist.is_chief:
-                held.enter_context(hold_run_lock(run_dir))
-            state = load_state(run_dir)
-            check_resumable(run_dir, cfg, data.class_names, state)
+                held.enter_context(run.lock())
+            state = run.state()
+            run.check_resumable(cfg, data.class_names, state)  # before anything in the run is touched
+            if dist.is_chief:
+                state = run.recover(keep_every_epoch)
         elif dist.is_chief:
-            run_dir, aside = create_run_dir(cfg, config_files, overwrite)
-            held.enter_context(hold_run_lock(run_dir))
+            run, aside = RunDir.create(cfg, config_files, overwrite)
+            held.enter_context(run.lock())
             state = fresh_state()
         else:
-            run_dir, state = Path(cfg["run"]["dir"]) / cfg["run"]["name"], fresh_state()
+            run, state = RunDir(Path(cfg["run"]["dir"]) / cfg["run"]["name"]), fresh_state()
         # Only the chief writes the run directory. Other workers take part in every save (saving is collective under
         # multi-worker training) but write into a folder of their own that is removed at the end.
-        out_dir = run_dir if dist.is_chief else Path(tempfile.mkdtemp(prefix="cnnlab-worker-"))
+        out = run if dist.is_chief else RunDir(tempfile.mkdtemp(prefix="cnnlab-worker-"))
         try:
             with dist.strategy.scope():
-                return _train_in(cfg, data, run_dir, out_dir, state, dist)
+                return _train_in(cfg, data, run, out, state, dist)
         finally:
-            settle_replaced_run(run_dir, aside)
-            if out_dir != run_dir:
-                shutil.rmtree(out_dir, ignore_errors=True)
+            if dist.is_chief:
+                run.settle_replaced(aside)
+            else:
+                shutil.rmtree(out.path, ignore_errors=True)
 
 
-def _train_in(cfg: dict, data: Datasets, run_dir: Path, out_dir: Path, state: dict, dist) -> Path:
-    """The body of `train`, under the strategy's scope; files go to `out_dir` (the run dir on the chief)."""
-    (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out_dir / "config.yaml", config_lib.dump(cfg))
-    report_left_out(data, out_dir)
+def _train_in(cfg: dict, data: Datasets, run: RunDir, out: RunDir, state: dict, dist) -> Path:
+    """The body of `train`, under the strategy's scope; files go to `out` (the run itself on the chief)."""
+    out.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    out.write_config(cfg)
+    report_left_out(data, out)
 
     phases = training_phases(cfg)
     total_epochs = phases[-1]["end"]
     budget_s = cfg["training"]["time_budget"] * 60 if cfg["training"]["time_budget"] else None
-    last = run_dir / "checkpoints" / "last.keras"
-    if state["epoch"]:  # check_resumable made sure last.keras is there
-        model = load_checkpoint(last, what="--resume")
-        print(f"Resuming {run_dir} after epoch {state['epoch']}"
+    if state["epoch"]:  # check_resumable made sure the last checkpoint is there
+        model = run.load("last", what="--resume")
+        print(f"Resuming {run} after epoch {state['epoch']}"
               + (f" ({state['history'][-1]['elapsed_seconds'] / 60:.1f} of {budget_s / 60:g} min)." if budget_s
                  else f" of {total_epochs}."))
     else:
         state = fresh_state()  # killed before its first epoch ended: start over in the same directory
         model = build_model(cfg, data.num_classes)
-        save_model_atomic(model, out_dir / "checkpoints" / "initial.keras")  # for before-vs-after filter plots
+        out.save_initial(model)
 
-    extra = {"class_names": data.class_names, "num_train": data.num_train, "num_val": data.num_val,
-             "params": int(model.count_params())}
-    checkpoint = RunCheckpoint(out_dir, state, extra, keep_every_epoch=cfg["run"]["keep_every_epoch"])
+    state["data"] = {"class_names": data.class_names, "num_train": data.num_train, "num_val": data.num_val,
+                     "params": int(model.count_params())}
+    checkpoint = RunCheckpoint(out, state, keep_every_epoch=cfg["run"]["keep_every_epoch"])
     callbacks = [
         keras.callbacks.TensorBoard(
-            log_dir=str(out_dir / "logs"), histogram_freq=1 if cfg["runtime"]["log_histograms"] else 0,
+            log_dir=str(out.logs_dir), histogram_freq=1 if cfg["runtime"]["log_histograms"] else 0,
             write_graph=False),
         checkpoint,
     ]
     if cfg["runtime"]["log_kernel_images"]:
-        callbacks.insert(1, KernelImages(out_dir / "logs" / "kernels"))
+        callbacks.insert(1, KernelImages(out.logs_dir / "kernels"))
     progressive = any(phase["size"] is not None for phase in phases)
     flip_validation = config_lib.flip_tta(cfg)
     jit_compile = resolve_jit(cfg["runtime"]["jit_compile"])
@@ -734,10 +524,10 @@ def _train_in(cfg: dict, data: Datasets, run_dir: Path, out_dir: Path, state: di
             model.fit(data.train, validation_data=None if flip_validation else data.val, epochs=epochs,
                       initial_epoch=state["epoch"], callbacks=phase_callbacks, shuffle=False, verbose=verbose)
         if checkpoint.stop_reason:
-            raise_stop(checkpoint, run_dir, cfg)
+            raise_stop(checkpoint, run, cfg)
         if timer is not None and timer.spent:
             break
     best = state["best_val_accuracy"]
     best_text = f"{best:.4f} (epoch {state['best_epoch']})" if best is not None else "n/a"
-    print(f"Run directory: {run_dir}  best val_accuracy: {best_text}")
-    return run_dir
+    print(f"Run directory: {run}  best val_accuracy: {best_text}")
+    return run.path

@@ -78,9 +78,10 @@ def test_every_kept_epoch_is_scored_as_evaluate_py_scores_the_best_checkpoint(tm
     time_to_accuracy.add_held_out_curves(rows, tmp_path)
     scores = [h["held_out_accuracy"] for h in history]
     assert scores == pytest.approx(expected, abs=1e-9)
-    # Once scored, the epoch checkpoints go; the run's own three stay.
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.keras", "initial.keras",
-                                                                          "last.keras"]
+    # Once scored, the epoch checkpoints go; the run's own stay: initial, last, best and the files those two link to.
+    state = json.loads((run_dir / "state.json").read_text())
+    assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {
+        "best.keras", "initial.keras", "last.keras", state["last_checkpoint"], state["best_checkpoint"]}
     best_epoch = json.loads((run_dir / "metrics.json").read_text())["best_epoch"]
     best = evaluate(run=str(run_dir), split="test", out=str(tmp_path / "eval"))
     assert scores[best_epoch - 1] == pytest.approx(best["accuracy"], abs=1e-9)

@@ -7,6 +7,7 @@ import yaml
 
 from cnnlab import config
 from cnnlab.errors import UserError
+from cnnlab.runs import config_for_training
 from tests.conftest import REPO, assert_user_error, run_cli_in_process
 
 
@@ -122,7 +123,7 @@ def test_time_budget_must_be_a_positive_number_of_minutes(value):
 
 def test_resume_dir_without_config_is_refused(tmp_path):
     with pytest.raises(UserError, match="is not a run directory"):
-        config.resolve_for_run([], [], str(tmp_path))
+        config_for_training([], [], str(tmp_path))
 
 
 @pytest.mark.parametrize(

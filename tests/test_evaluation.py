@@ -195,7 +195,7 @@ def test_predict_labels_with_the_runs_class_names_and_skips_unreadable_files(smo
     proc = run_cli("predict.py", str(tmp_path / "imgs"), "--run", str(smoke_run))
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("orientation_")]
-    assert len(lines) == 3 and "skipped (not a readable image)" in proc.stderr
+    assert len(lines) == 3 and "skipped: " in proc.stderr and "broken.png is not a readable image" in proc.stderr
 
 
 def test_predict_averages_with_the_mirror_image_where_the_run_validated_that_way(smoke_run, tmp_path, capsys):

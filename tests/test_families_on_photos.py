@@ -17,8 +17,10 @@ STEPS = 4  # batches of 64 photos each family trains on: real photos through eve
 @pytest.fixture(scope="module")
 def photos(request):
     shared = request.getfixturevalue("shared_data")
+    # Uncached, the file names are shuffled and only the batches taken are decoded (a cache would first fill the
+    # shuffle buffer with 2,000 decoded photos, in every test).
     cfg = config.resolve([], ["data.source=folder", f"data.path={shared}", f"data.image_size=[{SIZE},{SIZE}]",
-                              "data.batch_size=64"])
+                              "data.batch_size=64", "data.cache=none"])
     return build_datasets(cfg["data"], seed=0), shared
 
 

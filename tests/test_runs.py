@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+import keras
 import pytest
 import yaml
 
@@ -128,23 +129,64 @@ def test_resume_without_a_readable_last_checkpoint_is_refused_and_keeps_the_best
     run = train_tiny(tmp_path, "run.name=r")
     best = (run / "checkpoints" / "best.keras").read_bytes()
     last = run / "checkpoints" / "last.keras"
-    last.write_bytes(last.read_bytes()[:1000])  # truncated
+    committed = run / "checkpoints" / json.loads((run / "state.json").read_text())["last_checkpoint"]
+    for path in (last, committed):  # truncated, as a copy cut short leaves them
+        path.unlink()
+        path.write_bytes(best[:1000])
     proc = run_cli_in_process(capsys, "train.py", "--resume", str(run), "--set", "training.epochs=2")
-    assert_user_error(proc, "--resume:", "is not a loadable .keras model")
+    assert_user_error(proc, "--resume:", "its last checkpoint (checkpoints/epoch_001.keras) is damaged")
     last.unlink()  # missing
+    committed.unlink()
     proc = run_cli_in_process(capsys, "train.py", "--resume", str(run), "--set", "training.epochs=2")
-    assert_user_error(proc, "records 1 completed epochs but has no checkpoints/last.keras")
+    assert_user_error(proc, "records 1 completed epochs but its last checkpoint (checkpoints/epoch_001.keras) "
+                      "is missing")
     assert (run / "checkpoints" / "best.keras").read_bytes() == best
 
 
+def test_resume_after_last_keras_was_deleted_continues_from_the_committed_checkpoint(tmp_path, capsys):
+    run = train_tiny(tmp_path, "run.name=r")
+    steps = int(keras.models.load_model(run / "checkpoints" / "last.keras").optimizer.iterations.numpy())
+    (run / "checkpoints" / "last.keras").unlink()
+    proc = run_cli_in_process(capsys, "train.py", "--resume", str(run), "--set", "training.epochs=2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Resuming" in proc.stdout and "after epoch 1" in proc.stdout
+    model = keras.models.load_model(run / "checkpoints" / "last.keras")
+    assert steps > 0 and int(model.optimizer.iterations.numpy()) == 2 * steps  # the first epoch was not redone
+
+
 def test_a_run_being_written_cannot_be_resumed_by_a_second_process(tmp_path, capsys):
-    from cnnlab.runs import hold_run_lock
+    from cnnlab.runs import RunDir
 
     run = train_tiny(tmp_path, "run.name=r")
-    with hold_run_lock(run):  # as a training process holds it
+    with RunDir(run).lock():  # as a training process holds it
         proc = run_cli_in_process(capsys, "train.py", "--resume", str(run), "--set", "training.epochs=2")
         assert_user_error(proc, "is being written by another process", f"pid {os.getpid()}")
     assert len(list(csv.DictReader(open(run / "history.csv")))) == 1
     proc = run_cli_in_process(capsys, "train.py", "--resume", str(run), "--set", "training.epochs=2")
     assert proc.returncode == 0, proc.stderr[-2000:]  # released: the next writer gets it
     assert len(list(csv.DictReader(open(run / "history.csv")))) == 2
+
+
+def test_a_failed_write_after_the_commit_is_one_line_and_resume_completes_the_epochs_files(tmp_path, capsys,
+                                                                                          monkeypatch):
+    run = train_tiny(tmp_path, "run.name=h")
+    steps = int(keras.models.load_model(run / "checkpoints" / "last.keras").optimizer.iterations.numpy())
+    replace = os.replace
+
+    def disk_full_for_history(src, dst, *args, **kwargs):
+        if Path(dst).name == "history.csv" and json.loads((run / "state.json").read_text())["epoch"] == 2:
+            raise OSError(28, "No space left on device")
+        return replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", disk_full_for_history)
+    proc = run_cli_in_process(capsys, "train.py", "--resume", str(run), "--set", "training.epochs=2")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert "could not write" in line and "history.csv (No space left on device)" in line
+    assert len(list(csv.DictReader(open(run / "history.csv")))) == 1  # epoch 2 is committed, its history not yet
+    monkeypatch.undo()
+    proc = run_cli_in_process(capsys, "train.py", "--resume", str(run))
+    assert proc.returncode == 0 and "after epoch 2" in proc.stdout, proc.stderr[-2000:]
+    assert [int(r["epoch"]) for r in csv.DictReader(open(run / "history.csv"))] == [1, 2]
+    model = keras.models.load_model(run / "checkpoints" / "last.keras")
+    assert int(model.optimizer.iterations.numpy()) == 2 * steps  # epoch 2 was not trained twice

@@ -21,8 +21,9 @@ import yaml
 
 from cnnlab import config
 from cnnlab.data import build_datasets
+from cnnlab.runs import config_for_training
 from cnnlab.training import train
-from tests.conftest import REPO, assert_user_error, run_cli, wait_for_epoch
+from tests.conftest import REPO, assert_user_error, run_cli, run_cli_in_process, wait_for_epoch
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 
@@ -160,9 +161,13 @@ def test_keep_every_epoch_keeps_each_epochs_model_and_the_last_one_is_last_keras
     # Each epoch keeps its own weights, not a link to whatever last.keras later becomes.
     assert not all(np.array_equal(a, b) for a, b in zip(weights[1], weights[2]))
     assert not all(np.array_equal(a, b) for a, b in zip(weights[2], weights[3]))
-    # Off by default: a run keeps only initial, last and best.
-    plain = train(tiny_cfg(tmp_path), [SMOKE])
-    assert sorted(p.name for p in (plain / "checkpoints").iterdir()) == ["best.keras", "initial.keras", "last.keras"]
+    # Off by default: a run keeps only initial, last and best (and the epoch files these two are links to).
+    plain = train(tiny_cfg(tmp_path, "training.epochs=2"), [SMOKE])
+    state = json.loads((plain / "state.json").read_text())
+    committed = {state["last_checkpoint"], state["best_checkpoint"]}
+    assert {p.name for p in (plain / "checkpoints").iterdir()} == {"best.keras", "initial.keras", "last.keras",
+                                                                     *committed}
+    assert state["last_checkpoint"] == "epoch_002.keras"
 
 
 def test_flip_validation_scores_every_epoch_on_predictions_averaged_with_the_mirror_image(tmp_path):
@@ -218,9 +223,9 @@ def test_runs_of_one_config_never_share_a_directory(tmp_path):
     assert first != second and first.parent == second.parent
 
 
-def test_a_run_killed_after_epoch_2_of_4_resumes_and_ends_at_epoch_4(tmp_path):
+def test_a_run_killed_after_epoch_2_of_4_resumes_and_ends_at_epoch_4(tmp_path, capsys):
     args = ["train.py", "--config", SMOKE, "--set", f"run.dir={tmp_path}", "--set", "run.name=killed",
-            "--set", "training.epochs=4", "--set", "data.synthetic_size=2048", "--set", "data.image_size=[40, 40]"]
+            "--set", "training.epochs=4", "--set", "data.synthetic_size=1024", "--set", "data.image_size=[32, 32]"]
     proc = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     state = tmp_path / "killed" / "state.json"
@@ -231,7 +236,7 @@ def test_a_run_killed_after_epoch_2_of_4_resumes_and_ends_at_epoch_4(tmp_path):
     killed_at = json.loads(state.read_text())["epoch"]
     assert 2 <= killed_at < 4
 
-    resumed = run_cli("train.py", "--resume", str(tmp_path / "killed"), timeout=300)
+    resumed = run_cli_in_process(capsys, "train.py", "--resume", str(tmp_path / "killed"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resuming {tmp_path / 'killed'} after epoch {killed_at} of 4" in resumed.stdout
     history = read_history(tmp_path / "killed")
@@ -244,9 +249,9 @@ def test_a_run_killed_after_epoch_2_of_4_resumes_and_ends_at_epoch_4(tmp_path):
         expected = peak * 0.5 * (1 + math.cos(math.pi * int(r["epoch"]) / 4))
         assert float(r["learning_rate"]) == pytest.approx(expected, abs=1e-6), history
     model = keras.models.load_model(tmp_path / "killed" / "checkpoints" / "best.keras")
-    assert np.all(np.isfinite(model.predict(np.zeros((2, 40, 40, 3), np.float32), verbose=0)))
+    assert np.all(np.isfinite(model.predict(np.zeros((2, 32, 32, 3), np.float32), verbose=0)))
     # a finished run resumed again has nothing left to do
-    again = train(config.resolve_for_run([], [], str(tmp_path / "killed")), [], resume=str(tmp_path / "killed"))
+    again = train(config_for_training([], [], str(tmp_path / "killed")), [], resume=str(tmp_path / "killed"))
     assert again == tmp_path / "killed" and len(read_history(tmp_path / "killed")) == 4
 
 

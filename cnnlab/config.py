@@ -354,6 +354,7 @@ RULES: dict[str, Callable] = {
     "runtime.precision": _choice("float32", "mixed_float16", "mixed_bfloat16", "auto"),
     "runtime.jit_compile": lambda v: None if isinstance(v, bool) or v == "auto" else "true, false or 'auto'",
     "runtime.strategy": _choice("auto", "default", "mirrored", "multi_worker"),
+    "runtime.log_cam_images": _int_at_least(0),
 }
 
 

@@ -226,8 +226,25 @@ def plot_roc(preds: Predictions, metrics: dict, title: str):
     return fig
 
 
-def plot_worst_mistakes(preds: Predictions, title: str):
+def mistake_maps(model: keras.Model, preds: Predictions) -> list[np.ndarray] | None:
+    """Grad-CAM of the most confidently wrong images, for the class the model wrongly said: where it saw that class.
+    None when there are no mistakes, or no feature map to read."""
+    from cnnlab.cam import grad_cam
+
+    if not preds.worst:
+        return None
+    try:
+        maps, _ = grad_cam(model, np.stack([w[1] for w in preds.worst]), class_index=[w[3] for w in preds.worst])
+    except UserError:
+        return None
+    return list(maps)
+
+
+def plot_worst_mistakes(preds: Predictions, title: str, maps: list[np.ndarray] | None = None):
+    """The most confidently wrong images; with `maps`, each with its Grad-CAM overlaid (`mistake_maps`)."""
     import matplotlib.pyplot as plt
+
+    from cnnlab.cam import overlay
 
     n = max(len(preds.worst), 1)
     columns = min(n, 4)
@@ -236,12 +253,13 @@ def plot_worst_mistakes(preds: Predictions, title: str):
     for ax in axes.flat:
         ax.set_axis_off()
     names = preds.class_names
-    for ax, (confidence, image, true, predicted, ident) in zip(axes.flat, preds.worst):
-        ax.imshow(image)
+    for i, (ax, (confidence, image, true, predicted, ident)) in enumerate(zip(axes.flat, preds.worst)):
+        ax.imshow(overlay(image, maps[i]) if maps is not None else image)
         ax.set_title(f"true {names[true]}, said {names[predicted]}\np={confidence:.3f}  {Path(ident).name[:24]}",
                      fontsize=7)
-    fig.suptitle(f"{title}: the {len(preds.worst)} most confidently wrong" if preds.worst else f"{title}: no mistakes",
-                 fontsize=9)
+    where = " (Grad-CAM: where it saw the class it said)" if maps is not None else ""
+    fig.suptitle(f"{title}: the {len(preds.worst)} most confidently wrong{where}" if preds.worst
+                 else f"{title}: no mistakes", fontsize=9)
     return fig
 
 
@@ -276,7 +294,7 @@ def log_to_tensorboard(log_dir: Path, split: str, metrics: dict, confusion_png: 
 
 
 def write_evaluation(preds: Predictions, metrics: dict, out_dir: Path, title: str,
-                     run: RunDir | None = None) -> list[str]:
+                     run: RunDir | None = None, maps: list[np.ndarray] | None = None) -> list[str]:
     """metrics.json, predictions.csv and the plots; returns the paths written."""
     from cnnlab.plots import save_figure
 
@@ -287,7 +305,7 @@ def write_evaluation(preds: Predictions, metrics: dict, out_dir: Path, title: st
     written += save_figure(plot_confusion_matrix(metrics, title), out_dir / "confusion_matrix")
     if "roc_auc" in metrics:
         written += save_figure(plot_roc(preds, metrics, title), out_dir / "roc")
-    written += save_figure(plot_worst_mistakes(preds, title), out_dir / "worst_mistakes")
+    written += save_figure(plot_worst_mistakes(preds, title, maps), out_dir / "worst_mistakes")
     if run is not None and run.history():
         curves_title = f"{run.path.name}: loss and accuracy per epoch, training and validation split"
         written += save_figure(plot_training_curves(run.history(), curves_title), out_dir / "training_curves")
@@ -344,7 +362,7 @@ def evaluate(*, run: str | None = None, checkpoint: str | None = None, config_fi
     default_out = run_dir.eval_dir(split) if run_dir else Path("eval") / ckpt.stem / split
     out_dir = Path(out) if out else default_out
     title = f"{run_dir.path.name if run_dir else ckpt.stem} / {ckpt.name} / {split}{' + flip TTA' if tta else ''}"
-    written = write_evaluation(preds, metrics, out_dir, title, run_dir)
+    written = write_evaluation(preds, metrics, out_dir, title, run_dir, mistake_maps(model, preds))
     if run_dir is not None:
         log_to_tensorboard(run_dir.logs_dir, split, metrics, str(out_dir / "confusion_matrix.png"),
                            run_dir.state()["best_epoch"])

@@ -278,6 +278,38 @@ class KernelImages(keras.callbacks.Callback):
         self._writer.flush()
 
 
+class CamImages(keras.callbacks.Callback):
+    """Logs Grad-CAM overlays of a few fixed val images each epoch (`runtime.log_cam_images`), so TensorBoard shows
+    where the network looks as it trains."""
+
+    def __init__(self, val: "tf.data.Dataset", count: int, log_dir: Path):
+        super().__init__()
+        import numpy as np
+
+        images = []
+        for batch, _ in val:
+            images += list(np.asarray(batch))
+            if len(images) >= count:
+                break
+        self.images = np.stack(images[:count]).astype(np.uint8)
+        self.log_dir = log_dir
+        self._writer = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        import numpy as np
+        import tensorflow as tf
+
+        from cnnlab.cam import grad_cam, overlay
+
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(str(self.log_dir))
+        maps, _ = grad_cam(self.model, self.images)
+        overlays = np.stack([overlay(image, heat) for image, heat in zip(self.images, maps)])
+        with self._writer.as_default():
+            tf.summary.image("gradcam/val", overlays, step=epoch, max_outputs=len(overlays))
+        self._writer.flush()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Entry points
 
@@ -454,6 +486,8 @@ def _train_in(cfg: dict, data: Datasets, run: RunDir, out: RunDir, state: dict, 
     ]
     if cfg["runtime"]["log_kernel_images"]:
         callbacks.insert(1, KernelImages(out.logs_dir / "kernels"))
+    if cfg["runtime"]["log_cam_images"]:
+        callbacks.insert(1, CamImages(data.val, cfg["runtime"]["log_cam_images"], out.logs_dir / "gradcam"))
     progressive = any(phase["size"] is not None for phase in phases)
     flip_validation = config_lib.flip_tta(cfg)
     jit_compile = resolve_jit(cfg["runtime"]["jit_compile"])

@@ -1,0 +1,183 @@
+"""Grad-CAM and saliency: the maths against a hand computation, the layer search (nested backbones included), and a
+task with a known answer: the class evidence sits in one quadrant, so a right map peaks there."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from cnnlab import config
+from cnnlab.cam import find_target_layer, grad_cam, saliency
+from cnnlab.errors import UserError
+from cnnlab.modeling import build_model
+from cnnlab.training import compile_model
+from tests.conftest import REPO, assert_user_error, run_cli_in_process, write_image
+
+SIZE = 64
+
+
+def quadrant_task(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Grey noise with one 20x20 patch of stripes in a random quadrant (horizontal stripes for class 0, vertical for
+    class 1) and a white square, as bright but saying nothing, in another. Returns images, labels and the quadrant
+    (0-3, row-major) that holds the evidence."""
+    rng = np.random.default_rng(seed)
+    images = np.repeat(rng.uniform(64, 192, (n, SIZE, SIZE, 1)), 3, axis=-1)
+    labels, quadrants = rng.integers(0, 2, n), rng.integers(0, 4, n)
+    stripes = (np.arange(20) // 2 % 2 * 255.0)
+    patches = [np.repeat(stripes[:, None], 20, 1), np.repeat(stripes[None, :], 20, 0)]
+    half = SIZE // 2
+    for i in range(n):
+        top = quadrants[i] // 2 * half + rng.integers(2, half - 22)
+        left = quadrants[i] % 2 * half + rng.integers(2, half - 22)
+        images[i, top:top + 20, left:left + 20] = patches[labels[i]][..., None]
+        other = (quadrants[i] + rng.integers(1, 4)) % 4
+        top = other // 2 * half + rng.integers(2, half - 22)
+        left = other % 2 * half + rng.integers(2, half - 22)
+        images[i, top:top + 20, left:left + 20] = 255.0
+    return images.astype(np.float32), labels, quadrants
+
+
+def quadrant_of_peak(maps: np.ndarray) -> np.ndarray:
+    rows, cols = np.unravel_index(maps.reshape(len(maps), -1).argmax(-1), maps.shape[1:])
+    return rows // (SIZE // 2) * 2 + cols // (SIZE // 2)
+
+
+@pytest.fixture(scope="module")
+def standard_on_quadrants():
+    cfg = config.resolve([], ["data.source=synthetic", f"data.image_size=[{SIZE},{SIZE}]", "model.name=standard",
+                              "model.standard.filters=[16,32,32]", "augment.flip=none", "training.optimizer=adam",
+                              "training.learning_rate=0.003", "training.schedule=constant"])
+    keras.utils.set_random_seed(0)
+    model = build_model(cfg, 2)
+    compile_model(model, cfg["training"], 2, steps_per_epoch=40)
+    images, labels, _ = quadrant_task(768, seed=1)
+    model.fit(images, labels[:, None].astype(np.float32), batch_size=32, epochs=4, verbose=0)
+    return model
+
+
+def test_grad_cam_equals_the_hand_computation_on_the_named_layer():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((12, 12, 3))
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="first")(keras.layers.Rescaling(1 / 255)(inputs))
+    x = keras.layers.Conv2D(5, 3, name="target")(x)
+    outputs = keras.layers.Dense(1, activation="sigmoid")(keras.layers.GlobalAveragePooling2D()(x))
+    model = keras.Model(inputs, outputs)
+    images = np.random.default_rng(0).uniform(0, 255, (3, 12, 12, 3)).astype(np.float32)
+    # By hand: the sub-model view of the same layer, the class's log-probability, the textbook formula.
+    both = keras.Model(inputs, [model.get_layer("target").output, outputs])
+    with tf.GradientTape() as tape:
+        feature_map, probs = both(images)
+        predicted = tf.cast(probs[:, 0] >= 0.5, tf.int32)
+        score = tf.reduce_sum(tf.where(predicted == 1, tf.math.log(probs[:, 0] + 1e-7),
+                                       tf.math.log(1 - probs[:, 0] + 1e-7)))
+    grads = tape.gradient(score, feature_map)
+    cam = tf.nn.relu(tf.reduce_sum(tf.reduce_mean(grads, axis=(1, 2), keepdims=True) * feature_map, axis=-1))
+    cam = tf.image.resize(cam[..., None], (12, 12))[..., 0]
+    expected = tf.math.divide_no_nan(cam, tf.reduce_max(cam, axis=(1, 2), keepdims=True)).numpy()
+    maps, _ = grad_cam(model, images, layer="target")
+    np.testing.assert_allclose(maps, expected, atol=1e-5)
+    # A real map for at least one class (an untrained net may see no positive evidence for the other)
+    other, _ = grad_cam(model, images, class_index=1 - predicted.numpy(), layer="target")
+    assert max(maps.std(), other.std()) > 0.05
+    # The first conv is another map: the layer named is the layer read.
+    assert np.abs(grad_cam(model, images, class_index=1 - predicted.numpy(), layer="first")[0] - other).max() > 0.05
+
+
+def test_the_standard_net_looks_at_the_quadrant_that_holds_the_evidence(standard_on_quadrants):
+    model = standard_on_quadrants
+    images, labels, quadrants = quadrant_task(100, seed=2)
+    path, _ = find_target_layer(model)
+    assert path.endswith("stage3_block1_act")
+    maps, probs = grad_cam(model, images, class_index=labels)
+    assert ((probs[:, 0] >= 0.5) == labels).mean() >= 0.9  # it learnt the task
+    hits = (quadrant_of_peak(maps) == quadrants).mean()
+    assert hits >= 0.9, hits
+    # The pointing game can fail: an inverted map or a uniform one misses the quadrant ...
+    assert (quadrant_of_peak(1 - maps) == quadrants).mean() < 0.5
+    assert (quadrant_of_peak(np.ones_like(maps)) == quadrants).mean() < 0.5
+    # ... as does a map read off the wrong tensor: the input's (local) brightness peaks on the white square.
+    brightness = tf.nn.avg_pool2d(images.mean(-1, keepdims=True), 15, 1, "SAME")[..., 0].numpy()
+    assert (quadrant_of_peak(brightness) == quadrants).mean() < 0.2
+    # SmoothGrad's pixels point there too.
+    smooth, _ = saliency(model, images[:20], class_index=labels[:20], smooth=8)
+    assert (quadrant_of_peak(smooth) == quadrants[:20]).mean() >= 0.8
+
+
+@pytest.mark.parametrize("config_file, expected", [
+    ("configs/cats_vs_dogs_vgg16.yaml", "transfer_vgg16/vgg16/block5_conv3"),
+    ("configs/cats_vs_dogs_resnet50.yaml", "transfer_resnet50/resnet50/conv5_block3_out"),
+])
+def test_the_map_of_a_transfer_model_is_found_inside_its_nested_backbone(config_file, expected):
+    cfg = config.resolve([str(REPO / config_file)], ["model.transfer.weights=null", f"data.image_size=[{SIZE},{SIZE}]"])
+    model = build_model(cfg, 2)
+    assert find_target_layer(model)[0] == expected
+    assert find_target_layer(model, expected.split("/", 1)[1])[0] == expected  # as a user names it
+    images = np.random.default_rng(0).uniform(0, 255, (2, SIZE, SIZE, 3)).astype(np.float32)
+    maps, probs = grad_cam(model, images)
+    assert maps.shape == (2, SIZE, SIZE) and np.isfinite(maps).all() and maps.max() == pytest.approx(1.0)
+    np.testing.assert_allclose(probs, model.predict(images, verbose=0), atol=1e-5)
+    with pytest.raises(UserError, match="block5_conv9.*is not a spatial conv layer"):
+        find_target_layer(model, "block5_conv9")
+
+
+def test_the_cli_writes_a_figure_per_image_and_a_grid_and_refuses_a_wrong_layer(standard_on_quadrants, tmp_path,
+                                                                              capsys):
+    checkpoint = tmp_path / "quadrants.keras"
+    standard_on_quadrants.save(checkpoint)
+    images, _, _ = quadrant_task(5, seed=3)
+    for i, image in enumerate(images):
+        write_image(tmp_path / "photos" / f"p{i}.png", image.astype(np.uint8), fmt="png")
+    proc = run_cli_in_process(capsys, "gradcam.py", str(tmp_path / "photos"), "--checkpoint", str(checkpoint),
+                              "--out", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        [f"p{i}_gradcam.png" for i in range(5)] + ["grid_gradcam.png"])
+    assert f"Wrote {tmp_path / 'out' / 'grid_gradcam.png'}" in proc.stdout
+    wrong = run_cli_in_process(capsys, "gradcam.py", str(tmp_path / "photos"), "--checkpoint", str(checkpoint),
+                               "--layer", "no_such_layer")
+    line = assert_user_error(wrong, "--layer: 'no_such_layer' is not a spatial conv layer", "stage3_block1_conv")
+    assert "Received: 'no_such_layer'" in line
+
+
+def test_the_worst_mistakes_figure_shows_where_the_model_saw_the_class_it_wrongly_said(standard_on_quadrants):
+    from cnnlab.cam import overlay
+    from cnnlab.evaluation import Predictions, mistake_maps, plot_worst_mistakes
+
+    model = standard_on_quadrants
+    images, labels, _ = quadrant_task(4, seed=4)
+    wrong = 1 - labels  # as if it had said the other class
+    worst = [(0.9, image.astype(np.uint8), int(t), int(w), f"img{i}.png")
+             for i, (image, t, w) in enumerate(zip(images, labels, wrong))]
+    preds = Predictions([w[4] for w in worst], labels, np.zeros((4, 1)), ["h", "v"], 1.0, worst)
+    maps = mistake_maps(model, preds)
+    expected, _ = grad_cam(model, np.stack([w[1] for w in worst]), class_index=wrong)
+    np.testing.assert_allclose(np.stack(maps), expected, atol=1e-6)
+    fig = plot_worst_mistakes(preds, "t", maps)
+    drawn = np.asarray(fig.axes[0].images[0].get_array())
+    assert np.array_equal(drawn, overlay(worst[0][1], maps[0])) and not np.array_equal(drawn, worst[0][1])
+    assert "where it saw the class it said" in fig._suptitle.get_text()
+
+
+def test_tensorboard_gets_grad_cam_overlays_of_fixed_val_images_each_epoch(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from cnnlab.training import train
+    from tests.conftest import tiny
+
+    cfg = config.resolve([str(REPO / "configs" / "smoke.yaml")],
+                         tiny(tmp_path, "run.name=c", "training.epochs=2", "runtime.log_cam_images=3"))
+    run_dir = train(cfg, ["smoke.yaml"])
+    acc = EventAccumulator(str(run_dir / "logs" / "gradcam"), size_guidance={"tensors": 0})
+    acc.Reload()
+    events = acc.Tensors("gradcam/val")
+    assert [e.step for e in events] == [0, 1]
+    pictures = tf.make_ndarray(events[-1].tensor_proto)[2:]  # width, height, then one PNG per image
+    assert len(pictures) == 3
+    first = tf.io.decode_png(pictures[0]).numpy()
+    # The last epoch's picture is the Grad-CAM of the trained model (its last checkpoint) on the first val image.
+    from cnnlab.cam import overlay
+    from cnnlab.data import build_datasets
+
+    image = next(iter(build_datasets(cfg["data"], seed=cfg["run"]["seed"]).val))[0].numpy()[0]
+    maps, _ = grad_cam(keras.models.load_model(run_dir / "checkpoints" / "last.keras"), image[None])
+    assert first.shape == (16, 16, 3) and np.abs(first.astype(int) - overlay(image, maps[0]).astype(int)).max() <= 1

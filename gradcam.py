@@ -23,10 +23,7 @@ METHODS = ("gradcam", "saliency", "smoothgrad")
 def main(argv: list[str] | None = None) -> int:
     parser = cli.ArgumentParser(prog="gradcam.py", description=__doc__,
                                 formatter_class=cli.argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("target", metavar="IMAGE_OR_FOLDER", help="an image file, or a folder searched for images")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", metavar="RUN_DIR", help="a run directory (its best checkpoint)")
-    source.add_argument("--checkpoint", metavar="FILE", help="a .keras model file")
+    cli.add_images_and_model_arguments(parser)
     parser.add_argument("--layer", help="the feature map to explain, e.g. vgg16/block5_conv3 (default: the last one)")
     parser.add_argument("--method", choices=METHODS, default="gradcam", help="gradcam (default), saliency, smoothgrad")
     parser.add_argument("--class", dest="class_name", metavar="NAME",

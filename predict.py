@@ -20,10 +20,7 @@ from cnnlab import cli
 def main(argv: list[str] | None = None) -> int:
     parser = cli.ArgumentParser(prog="predict.py", description=__doc__,
                                 formatter_class=cli.argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("target", metavar="IMAGE_OR_FOLDER", help="an image file, or a folder searched recursively")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", metavar="RUN_DIR", help="a run directory (its best checkpoint)")
-    source.add_argument("--checkpoint", metavar="FILE", help="a .keras checkpoint")
+    cli.add_images_and_model_arguments(parser)
     parser.add_argument("--class-names", help="comma-separated class names, for a checkpoint outside a run")
     parser.add_argument("--csv", metavar="FILE", help="also write the predictions to a CSV file")
     parser.add_argument("--tta", action=cli.argparse.BooleanOptionalAction, default=None,

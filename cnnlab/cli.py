@@ -59,6 +59,14 @@ def add_config_arguments(parser: argparse.ArgumentParser, required: bool = False
                         help="override one key, e.g. --set training.epochs=3 (value parsed as YAML); repeatable")
 
 
+def add_images_and_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """IMAGE_OR_FOLDER and which model reads it (--run or --checkpoint): what predict.py and gradcam.py take."""
+    parser.add_argument("target", metavar="IMAGE_OR_FOLDER", help="an image file, or a folder searched recursively")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", metavar="RUN_DIR", help="a run directory (its best checkpoint)")
+    source.add_argument("--checkpoint", metavar="FILE", help="a .keras checkpoint")
+
+
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> NoReturn:
     """Runs a CLI's main function; a UserError becomes `error: <message>` on stderr and exit status 2.
 

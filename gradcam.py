@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                 shown_maps.append(heat)
                 shown_captions.append(f"{Path(f).name[:18]}\n{text}")
     seconds = time.perf_counter() - started
-    print(f"Wrote {written} figures (photo | {args.method} map) to {out}: {written / seconds:.1f} images/s")
+    print(f"Wrote {written} figure{'s' if written != 1 else ''} (photo | {args.method} map) to {out}: "
+          f"{written / seconds:.1f} images/s")
     if len(files) > 1 and shown_images:
         name = run.path.name if run else Path(args.checkpoint).stem
         title = f"{name}: {args.method}" + (f" for {args.class_name}" if args.class_name else " of the predicted class")

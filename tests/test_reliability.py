@@ -182,6 +182,7 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_checkpoint_loadab
     assert int(model.optimizer.iterations.numpy()) == saved_epoch * 32  # 1,024 images / batch 32 per epoch
     resumed = run_cli_in_process(capsys, "train.py", "--resume", str(tmp_path / "k"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"Resuming {tmp_path / 'k'} after epoch {saved_epoch} of 3." in resumed.stdout
     assert [int(r["epoch"]) for r in csv.DictReader(open(tmp_path / "k" / "history.csv"))] == [1, 2, 3]
 
 

@@ -2,10 +2,7 @@
 
 import csv
 import json
-import math
-import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -21,9 +18,8 @@ import yaml
 
 from cnnlab import config
 from cnnlab.data import build_datasets
-from cnnlab.runs import config_for_training
 from cnnlab.training import train
-from tests.conftest import REPO, assert_user_error, run_cli, run_cli_in_process, wait_for_epoch
+from tests.conftest import REPO, assert_user_error, run_cli
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 
@@ -221,38 +217,6 @@ def test_runs_of_one_config_never_share_a_directory(tmp_path):
     cfg = tiny_cfg(tmp_path)
     first, second = train(cfg, [SMOKE]), train(cfg, [SMOKE])
     assert first != second and first.parent == second.parent
-
-
-def test_a_run_killed_after_epoch_2_of_4_resumes_and_ends_at_epoch_4(tmp_path, capsys):
-    args = ["train.py", "--config", SMOKE, "--set", f"run.dir={tmp_path}", "--set", "run.name=killed",
-            "--set", "training.epochs=4", "--set", "data.synthetic_size=1024", "--set", "data.image_size=[32, 32]"]
-    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    state = tmp_path / "killed" / "state.json"
-    wait_for_epoch(tmp_path / "killed", 2, proc)
-    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    killed_at = json.loads(state.read_text())["epoch"]
-    assert 2 <= killed_at < 4
-
-    resumed = run_cli_in_process(capsys, "train.py", "--resume", str(tmp_path / "killed"))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"Resuming {tmp_path / 'killed'} after epoch {killed_at} of 4" in resumed.stdout
-    history = read_history(tmp_path / "killed")
-    assert [int(r["epoch"]) for r in history] == [1, 2, 3, 4]
-    elapsed = [float(r["elapsed_seconds"]) for r in history]
-    assert elapsed == sorted(elapsed)
-    # The resumed optimizer carries the step count on, so the cosine schedule does not start again.
-    peak = config.resolve([SMOKE])["training"]["learning_rate"]
-    for r in history:
-        expected = peak * 0.5 * (1 + math.cos(math.pi * int(r["epoch"]) / 4))
-        assert float(r["learning_rate"]) == pytest.approx(expected, abs=1e-6), history
-    model = keras.models.load_model(tmp_path / "killed" / "checkpoints" / "best.keras")
-    assert np.all(np.isfinite(model.predict(np.zeros((2, 32, 32, 3), np.float32), verbose=0)))
-    # a finished run resumed again has nothing left to do
-    again = train(config_for_training([], [], str(tmp_path / "killed")), [], resume=str(tmp_path / "killed"))
-    assert again == tmp_path / "killed" and len(read_history(tmp_path / "killed")) == 4
 
 
 def test_tensorboard_holds_one_kernel_image_per_epoch(smoke_run):

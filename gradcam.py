@@ -34,10 +34,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
 
-    from cnnlab.cam import caption, grad_cam, grid_figure, predicted_classes, saliency, save_pair
+    from cnnlab.cam import grad_cam, grid_figure, predicted_classes, saliency, save_pair
     from cnnlab.config import load_defaults
     from cnnlab.errors import UserError
-    from cnnlab.evaluation import image_files, num_model_classes
+    from cnnlab.evaluation import class_probabilities, image_files, num_model_classes
     from cnnlab.images import UnreadableImage, read_image
     from cnnlab.plots import save_figure
     from cnnlab.runs import RunDir, load_checkpoint
@@ -79,10 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             maps, probs = grad_cam(model, images, class_index, layer=args.layer)
         else:
             maps, probs = saliency(model, images, class_index, smooth=8 if args.method == "smoothgrad" else 0)
-        said = predicted_classes(probs)
-        for f, image, heat, k, p in zip(names, images, maps, said, probs):
-            probability = float(p[0] if k == 1 else 1 - p[0]) if p.shape[-1] == 1 else float(p[k])
-            text = caption(class_names[k], probability)
+        for f, image, heat, k, p in zip(names, images, maps, predicted_classes(probs), class_probabilities(probs)):
+            text = f"{class_names[k]} {p[k]:.2f}"
             save_pair(out / f"{Path(f).stem}_{args.method}.png", image, heat, text)
             written += 1
             if len(shown_images) < args.grid:

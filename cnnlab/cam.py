@@ -117,7 +117,10 @@ def class_scores(probs: tf.Tensor, class_index: tf.Tensor) -> tf.Tensor:
 
 
 def predicted_classes(probs: np.ndarray) -> np.ndarray:
-    return (probs[:, 0] >= 0.5).astype(np.int32) if probs.shape[-1] == 1 else probs.argmax(-1).astype(np.int32)
+    """The class each image is predicted to be, as evaluate.py decides it."""
+    from cnnlab.evaluation import class_probabilities
+
+    return class_probabilities(probs).argmax(-1).astype(np.int32)
 
 
 def grad_cam(model: keras.Model, images, class_index=None, layer: str | None = None,
@@ -192,11 +195,6 @@ def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndar
 
     colours = colormaps["jet"](np.clip(heat, 0, 1))[..., :3] * 255
     return np.clip((1 - alpha) * image.astype(np.float32) + alpha * colours, 0, 255).astype(np.uint8)
-
-
-def caption(label: str, probability: float, true_label: str | None = None) -> str:
-    said = f"{label} {probability:.2f}"
-    return said if true_label is None else f"true {true_label}, said {said}"
 
 
 def save_pair(path, image: np.ndarray, heat: np.ndarray, text: str) -> None:

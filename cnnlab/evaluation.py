@@ -306,9 +306,10 @@ def write_evaluation(preds: Predictions, metrics: dict, out_dir: Path, title: st
     if "roc_auc" in metrics:
         written += save_figure(plot_roc(preds, metrics, title), out_dir / "roc")
     written += save_figure(plot_worst_mistakes(preds, title, maps), out_dir / "worst_mistakes")
-    if run is not None and run.history():
+    history = run.history() if run is not None else []
+    if history:
         curves_title = f"{run.path.name}: loss and accuracy per epoch, training and validation split"
-        written += save_figure(plot_training_curves(run.history(), curves_title), out_dir / "training_curves")
+        written += save_figure(plot_training_curves(history, curves_title), out_dir / "training_curves")
     return written
 
 

@@ -146,9 +146,11 @@ def decode_scaled(contents: tf.Tensor, image_size) -> tf.Tensor:
 
 # EXIF orientation 1-8 as a transpose (5-8) followed by left-right and/or up-down flips: 2 mirrored, 3 upside down,
 # 4 mirrored upside down, 5 transposed, 6 stored turned anticlockwise, 7 transversed, 8 stored turned clockwise.
-_ORIENT_PERM = tf.constant([[0, 1, 2]] * 4 + [[1, 0, 2]] * 4)
-_ORIENT_FLIPS = tf.constant([[False, False], [True, False], [True, True], [False, True],
-                             [False, False], [True, False], [True, True], [False, True]])  # [left-right, up-down]
+# NumPy, not tf.constant: a tensor made at import would start TensorFlow's runtime before a multi-worker strategy
+# can configure its collectives.
+_ORIENT_PERM = np.array([[0, 1, 2]] * 4 + [[1, 0, 2]] * 4, np.int32)
+_ORIENT_FLIPS = np.array([[False, False], [True, False], [True, True], [False, True],
+                          [False, False], [True, False], [True, True], [False, True]])  # [left-right, up-down]
 
 
 def apply_orientation(image: tf.Tensor, orientation) -> tf.Tensor:
@@ -158,7 +160,7 @@ def apply_orientation(image: tf.Tensor, orientation) -> tf.Tensor:
     third of the decoding rate (measured), where these ops on an upright image cost nothing measurable."""
     index = tf.clip_by_value(tf.cast(orientation, tf.int32) - 1, 0, 7)
     image = tf.transpose(image, tf.gather(_ORIENT_PERM, index))
-    return tf.reverse(image, tf.boolean_mask(tf.constant([1, 0]), tf.gather(_ORIENT_FLIPS, index)))
+    return tf.reverse(image, tf.boolean_mask(np.array([1, 0], np.int32), tf.gather(_ORIENT_FLIPS, index)))
 
 
 def resize_decoded(image: tf.Tensor, image_size) -> tf.Tensor:

@@ -4,6 +4,7 @@
     python evaluate.py --run runs/<name> --split val --tta       # + horizontal-flip test-time augmentation
     python evaluate.py --run runs/<name> --set data.path=other_photos
     python evaluate.py --checkpoint model.keras --config configs/cats_vs_dogs_standard.yaml
+    python evaluate.py --model runs/<name>/export/tflite_int8 --split val   # an exported model (export.py)
     python evaluate.py --run runs/a --run runs/b                 # one comparison table
 """
 
@@ -20,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", action="append", metavar="RUN_DIR", help="a run directory; repeat to compare runs")
     source.add_argument("--checkpoint", metavar="FILE", help="a .keras checkpoint")
+    source.add_argument("--model", metavar="EXPORT", help="an exported model's folder (export.py), or its file")
     cli.add_config_arguments(parser)
     parser.add_argument("--split", choices=["test", "val"], default="test",
                         help="test (default; val when the data has no test split) or val")
@@ -30,8 +32,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from cnnlab.evaluation import evaluate, format_comparison
 
-    if args.checkpoint:
-        evaluate(checkpoint=args.checkpoint, config_files=args.config, overrides=args.overrides, split=args.split,
+    if args.checkpoint or args.model:
+        evaluate(checkpoint=args.checkpoint, exported=args.model, config_files=args.config, overrides=args.overrides, split=args.split,
                  out=args.out, tta=args.tta)
         return 0
     if args.out and len(args.run) > 1:

@@ -3,6 +3,7 @@
     python predict.py my_cat.jpg --run runs/<name>
     python predict.py photos/ --run runs/<name> --csv predictions.csv
     python predict.py photos/ --checkpoint model.keras --class-names cats,dogs
+    python predict.py photos/ --model runs/<name>/export/tflite_int8     # an exported model (export.py)
 
 Images are decoded and resized exactly as in training; the model carries its own preprocessing. A run that
 validated on flip-averaged predictions (`augment.tta: flip`) predicts the same way unless told --no-tta.
@@ -20,7 +21,7 @@ from cnnlab import cli
 def main(argv: list[str] | None = None) -> int:
     parser = cli.ArgumentParser(prog="predict.py", description=__doc__,
                                 formatter_class=cli.argparse.RawDescriptionHelpFormatter)
-    cli.add_images_and_model_arguments(parser)
+    cli.add_images_and_model_arguments(parser, exported=True)
     parser.add_argument("--class-names", help="comma-separated class names, for a checkpoint outside a run")
     parser.add_argument("--csv", metavar="FILE", help="also write the predictions to a CSV file")
     parser.add_argument("--tta", action=cli.argparse.BooleanOptionalAction, default=None,
@@ -33,12 +34,22 @@ def main(argv: list[str] | None = None) -> int:
     from cnnlab.runs import RunDir, load_checkpoint
 
     files = image_files(args.target)
-    ckpt = RunDir.open(args.run).checkpoint("best") if args.run else Path(args.checkpoint)
-    model = load_checkpoint(ckpt)
+    if args.model:
+        from cnnlab.export import load_exported
+
+        model = load_exported(args.model)
+        if args.tta and model.tta:
+            raise UserError(f"--tta: {model.folder} already averages with the mirror image inside the model.")
+        tta, trained_on = bool(args.tta), model.class_names
+        data_cfg = (model.metadata.get("config") or load_defaults())["data"]
+    else:
+        ckpt = RunDir.open(args.run).checkpoint("best") if args.run else Path(args.checkpoint)
+        model = load_checkpoint(ckpt)
+        run = RunDir.of_checkpoint(ckpt)  # a checkpoint inside a run knows its class names and how it validated
+        tta = args.tta if args.tta is not None else flip_tta(run.saved_config() if run else {})
+        trained_on = run.class_names() if run else None
+        data_cfg = run.config()["data"] if run else load_defaults()["data"]
     n = num_model_classes(model)
-    run = RunDir.of_checkpoint(ckpt)  # a checkpoint inside a run knows its class names and how it was validated
-    tta = args.tta if args.tta is not None else flip_tta(run.saved_config() if run else {})
-    trained_on = run.class_names() if run else None
     if args.class_names:
         class_names = [c.strip() for c in args.class_names.split(",")]
     elif trained_on:
@@ -48,7 +59,6 @@ def main(argv: list[str] | None = None) -> int:
     if len(class_names) != n:
         raise UserError(f"--class-names: the model predicts {n} classes. Received: {len(class_names)} names")
 
-    data_cfg = run.config()["data"] if run else load_defaults()["data"]
     rows, unreadable = predict_files(model, files, class_names, data_cfg["max_image_megapixels"], tta=tta)
     if len(files) == 1 and unreadable:
         raise UserError(f"IMAGE_OR_FOLDER: {files[0]} {unreadable[files[0]]}.")

@@ -59,12 +59,15 @@ def add_config_arguments(parser: argparse.ArgumentParser, required: bool = False
                         help="override one key, e.g. --set training.epochs=3 (value parsed as YAML); repeatable")
 
 
-def add_images_and_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """IMAGE_OR_FOLDER and which model reads it (--run or --checkpoint): what predict.py and gradcam.py take."""
+def add_images_and_model_arguments(parser: argparse.ArgumentParser, exported: bool = False) -> None:
+    """IMAGE_OR_FOLDER and which model reads it (--run or --checkpoint, and with `exported` --model): what
+    predict.py and gradcam.py take."""
     parser.add_argument("target", metavar="IMAGE_OR_FOLDER", help="an image file, or a folder searched recursively")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", metavar="RUN_DIR", help="a run directory (its best checkpoint)")
     source.add_argument("--checkpoint", metavar="FILE", help="a .keras checkpoint")
+    if exported:
+        source.add_argument("--model", metavar="EXPORT", help="an exported model's folder (export.py), or its file")
 
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> NoReturn:

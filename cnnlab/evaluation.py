@@ -67,7 +67,7 @@ def predict_batch(model: keras.Model, images: np.ndarray | tf.Tensor, tta: bool 
 
 
 def check_compatible(model: keras.Model, image_size: tuple[int, int], num_classes: int, what: str) -> None:
-    """A checkpoint must take the data's image size and predict its number of classes."""
+    """A checkpoint (or an exported model) must take the data's image size and predict its number of classes."""
     expected = tuple(model.input_shape[1:3])
     if expected != tuple(image_size):
         raise UserError(f"{what}: the checkpoint takes {expected[0]}x{expected[1]} images but data.image_size is "
@@ -96,7 +96,8 @@ def predict_split(model: keras.Model, cfg: dict, split: str, tta: bool = False,
             raise UserError(f"--split: the data has no {split!r} split. Received: {split!r}")
         print(f"Notice: {cfg['data']['source']} data at hand has no test split; evaluating on val instead.")
         split = "val"
-    check_compatible(model, as_size(cfg["data"]["image_size"]), len(class_names), "--checkpoint")
+    check_compatible(model, as_size(cfg["data"]["image_size"]), len(class_names),
+                     "--checkpoint" if isinstance(model, keras.Model) else "--model")
     ds = splits[split][0].batch(cfg["data"]["batch_size"]).prefetch(tf.data.AUTOTUNE)
     ids, labels, probs, worst, seconds = [], [], [], [], 0.0
     for images, y, batch_ids in ds:
@@ -231,7 +232,7 @@ def mistake_maps(model: keras.Model, preds: Predictions) -> list[np.ndarray] | N
     None when there are no mistakes, or no feature map to read."""
     from cnnlab.cam import grad_cam
 
-    if not preds.worst:
+    if not preds.worst or not isinstance(model, keras.Model):  # an exported model has no gradients to read
         return None
     try:
         maps, _ = grad_cam(model, np.stack([w[1] for w in preds.worst]), class_index=[w[3] for w in preds.worst])
@@ -330,13 +331,17 @@ def format_metrics(metrics: dict) -> str:
 # Entry points
 
 
-def evaluate(*, run: str | None = None, checkpoint: str | None = None, config_files: list[str] = (),
-             overrides: list[str] = (), split: str = "test", out: str | None = None,
+def evaluate(*, run: str | None = None, checkpoint: str | None = None, exported: str | None = None,
+             config_files: list[str] = (), overrides: list[str] = (), split: str = "test", out: str | None = None,
              tta: bool | None = None) -> dict:
-    """Evaluates a run's best checkpoint, or a checkpoint file, on one split, writes the results, returns metrics.
+    """Evaluates a run's best checkpoint, a checkpoint file, or an exported model (export.py) on one split, writes
+    the results, returns metrics.
 
     `tta`: average each prediction with the mirror image's; None: as the config says (`augment.tta`), so a run is
-    scored the way its validation picked its best checkpoint."""
+    scored the way its validation picked its best checkpoint. An export with the averaging inside it is not
+    averaged again."""
+    if exported:
+        return _evaluate_exported(exported, config_files, overrides, split, out, tta)
     run_dir = None
     if run:
         run_dir = RunDir.open(run)
@@ -355,11 +360,7 @@ def evaluate(*, run: str | None = None, checkpoint: str | None = None, config_fi
     model = load_checkpoint(ckpt)
     tta = config_lib.flip_tta(cfg) if tta is None else tta
     preds, split = predict_split(model, cfg, split, tta, trained_on=run_dir.class_names() if run_dir else None)
-    metrics = compute_metrics(preds.labels, preds.probs, preds.class_names)
-    metrics.update({
-        "split": split, "checkpoint": str(ckpt), "tta": tta, "params": int(model.count_params()),
-        "images_per_second": len(preds.ids) / preds.seconds if preds.seconds else float("nan"),
-    })
+    metrics = _metrics(preds, model, split, str(ckpt), tta)
     default_out = run_dir.eval_dir(split) if run_dir else Path("eval") / ckpt.stem / split
     out_dir = Path(out) if out else default_out
     title = f"{run_dir.path.name if run_dir else ckpt.stem} / {ckpt.name} / {split}{' + flip TTA' if tta else ''}"
@@ -367,10 +368,44 @@ def evaluate(*, run: str | None = None, checkpoint: str | None = None, config_fi
     if run_dir is not None:
         log_to_tensorboard(run_dir.logs_dir, split, metrics, str(out_dir / "confusion_matrix.png"),
                            run_dir.state()["best_epoch"])
+    _report(metrics, written)
+    return metrics
+
+
+def _evaluate_exported(path: str, config_files: list[str], overrides: list[str], split: str, out: str | None,
+                       tta: bool | None) -> dict:
+    """`evaluate` of an exported model: the data as the run it came from read it (its config is in the export's
+    metadata), with --config and --set on top; results in EXPORT/eval/<split>."""
+    from cnnlab.export import load_exported
+
+    model = load_exported(path)
+    if tta and model.tta:
+        raise UserError(f"--tta: {model.folder} already averages with the mirror image inside the model "
+                        "(its metadata.json says tta: flip).")
+    cfg = config_lib.resolve(list(config_files), list(overrides), base=model.metadata["config"])
+    preds, split = predict_split(model, cfg, split, bool(tta), trained_on=model.class_names)
+    metrics = _metrics(preds, model, split, str(model.folder), bool(tta) or model.tta)
+    metrics["format"] = model.format
+    out_dir = Path(out) if out else model.folder / "eval" / split
+    title = (f"{Path(model.metadata['run']).name} / {model.format} export / {split}"
+             f"{' + flip TTA' if metrics['tta'] else ''}")
+    _report(metrics, write_evaluation(preds, metrics, out_dir, title))
+    return metrics
+
+
+def _metrics(preds: Predictions, model, split: str, source: str, tta: bool) -> dict:
+    metrics = compute_metrics(preds.labels, preds.probs, preds.class_names)
+    metrics.update({
+        "split": split, "checkpoint": source, "tta": tta, "params": int(model.count_params()),
+        "images_per_second": len(preds.ids) / preds.seconds if preds.seconds else float("nan"),
+    })
+    return metrics
+
+
+def _report(metrics: dict, written: list[str]) -> None:
     print(format_metrics(metrics))
     for path in written:
         print(f"Wrote {path}")
-    return metrics
 
 
 def format_comparison(results: dict[str, dict]) -> str:

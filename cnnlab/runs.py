@@ -11,6 +11,7 @@
         history.csv, metrics.json    one row per completed epoch; the best epoch and its val metrics
         logs/                        TensorBoard (append-only: an epoch cut short by a kill may show there)
         bad_images.txt, eval/, figures/  what the data scan left out; evaluate.py's and the filters script's output
+        export/                      export.py's inference models (cnnlab/export.py)
         .lock                        held (an OS lock) by the one process that writes the run
 
 How an epoch is committed (`RunDir.commit_epoch`), so that its files become visible together or not at all:
@@ -259,6 +260,10 @@ class RunDir:
     @property
     def figures_dir(self) -> Path:
         return self.path / "figures"
+
+    @property
+    def export_dir(self) -> Path:
+        return self.path / "export"
 
     def eval_dir(self, split: str) -> Path:
         return self.path / "eval" / split

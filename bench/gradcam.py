@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -27,16 +26,6 @@ CONFIGS = ["configs/small_data/standard.yaml", "configs/small_data/pointwise.yam
            "configs/small_data/separable.yaml"]
 
 
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=100)
@@ -48,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --data: no such folder: {args.data}", file=sys.stderr)
         return 2
 
-    from cnnlab.console import start_tensorflow
+    from cnnlab.console import cpu_model, start_tensorflow
 
     start_tensorflow()  # TensorFlow's start-up notices held back, as the tools do
     from cnnlab import config

@@ -56,6 +56,20 @@ def start_tensorflow(verbose: bool = False) -> None:
         tf.config.list_physical_devices()
 
 
+def cpu_model() -> str:
+    """The CPU's model name (for benchmark tables: figures mean little without it)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def describe_devices() -> str:
     """What TensorFlow computes on, in a few words: the GPUs by name, or the CPU and its core count."""
     import tensorflow as tf

@@ -96,7 +96,8 @@ def key_problems(dotted: str) -> list[str]:
 
 def test_the_docs_hold_commands_of_every_tool():
     scripts = {shlex.split(c)[1] for _, c in all_commands()}
-    assert {"train.py", "evaluate.py", "predict.py", "visualize_filters.py", "report.py"} <= scripts
+    assert {"train.py", "evaluate.py", "predict.py", "visualize_filters.py", "report.py", "gradcam.py",
+            "export.py"} <= scripts
 
 
 @pytest.mark.parametrize("doc, command", all_commands())
@@ -151,6 +152,6 @@ def test_the_readme_contents_link_to_its_sections_and_stay_a_guide():
     assert anchors and [a for a in anchors if a not in headings] == []
     for section in ("install-and-test", "try-it-in-a-minute", "your-own-folder-of-images",
                     "transfer-learning-vgg16-and-resnet50", "evaluate-and-predict", "see-the-filters",
-                    "watch-training-in-tensorboard", "gpus-and-several-machines"):
+                    "use-your-model-elsewhere", "watch-training-in-tensorboard", "gpus-and-several-machines"):
         assert section in anchors
     assert len(text.splitlines()) <= 300

@@ -4,10 +4,13 @@
     python gradcam.py photos/ --run runs/<name>                 # one figure per image and a grid of them all
     python gradcam.py photos/ --run runs/<name> --layer vgg16/block5_conv3
     python gradcam.py photos/ --checkpoint model.keras --method smoothgrad
+    python gradcam.py photos/ --run runs/a --run runs/b --run runs/c   # one figure: each run's map, side by side
 
 The map is taken from the last spatial conv feature map before the classifier head, found automatically (also inside
 a nested VGG16 / ResNet50 backbone), or from --layer. Red is where the evidence for the predicted class (or --class)
-lies. Figures go to RUN/figures/gradcam/ for a run, else to ./figures/gradcam/; the grid's path is printed.
+lies. Figures go to RUN/figures/gradcam/ for a run, else to ./figures/gradcam/; the grid's path is printed. With
+several --run, one comparison figure (photo, then each run's map of its own predicted class) goes to
+./figures/gradcam/.
 """
 
 from __future__ import annotations
@@ -23,13 +26,14 @@ METHODS = ("gradcam", "saliency", "smoothgrad")
 def main(argv: list[str] | None = None) -> int:
     parser = cli.ArgumentParser(prog="gradcam.py", description=__doc__,
                                 formatter_class=cli.argparse.RawDescriptionHelpFormatter)
-    cli.add_images_and_model_arguments(parser)
+    cli.add_images_and_model_arguments(parser, several_runs=True)
     parser.add_argument("--layer", help="the feature map to explain, e.g. vgg16/block5_conv3 (default: the last one)")
     parser.add_argument("--method", choices=METHODS, default="gradcam", help="gradcam (default), saliency, smoothgrad")
     parser.add_argument("--class", dest="class_name", metavar="NAME",
                         help="explain this class instead of the predicted one")
     parser.add_argument("--out", help="output folder")
-    parser.add_argument("--grid", type=int, default=48, help="at most this many images in the grid (default 48)")
+    parser.add_argument("--grid", type=int, default=None,
+                        help="at most this many images in the grid (default 48; comparing runs: 8 rows)")
     args = parser.parse_args(argv)
 
     import numpy as np
@@ -43,47 +47,54 @@ def main(argv: list[str] | None = None) -> int:
     from cnnlab.runs import RunDir, load_checkpoint
 
     files = image_files(args.target)
-    run = RunDir.open(args.run) if args.run else RunDir.of_checkpoint(args.checkpoint)
-    model = run.load("best") if args.run else load_checkpoint(args.checkpoint)
-    n = num_model_classes(model)
-    class_names = (run.class_names() if run else None) or [f"class_{i}" for i in range(max(n, 2))]
-    class_index = None
-    if args.class_name is not None:
-        if args.class_name not in class_names:
-            raise UserError(f"--class: the model's classes are {class_names}. Received: {args.class_name!r}")
-        class_index = class_names.index(args.class_name)
     if args.layer is not None and args.method != "gradcam":
         raise UserError(f"--layer: only Grad-CAM reads a layer; saliency maps are of the input. Received: --method "
                         f"{args.method}")
-    budget = (run.config() if run else load_defaults())["data"]["max_image_megapixels"]
-    out = Path(args.out or ((run.figures_dir if run else Path("figures")) / "gradcam"))
-    out.mkdir(parents=True, exist_ok=True)
+    runs = [RunDir.open(r) for r in args.run] if args.run else [RunDir.of_checkpoint(args.checkpoint)]
+    models = [run.load("best") for run in runs] if args.run else [load_checkpoint(args.checkpoint)]
+    names = [[f"class_{i}" for i in range(max(num_model_classes(m), 2))] for m in models]
+    names = [(run.class_names() if run else None) or default for run, default in zip(runs, names)]
+    for class_names in names if args.class_name is not None else []:
+        if args.class_name not in class_names:
+            raise UserError(f"--class: the model's classes are {class_names}. Received: {args.class_name!r}")
+    budget = (runs[0].config() if runs[0] else load_defaults())["data"]["max_image_megapixels"]
 
-    size = tuple(model.input_shape[1:3])
-    started = time.perf_counter()
-    shown_images, shown_maps, shown_captions, written = [], [], [], 0
-    for start in range(0, len(files), 16):
-        batch, names = [], []
-        for f in files[start:start + 16]:
+    def explained(model, class_names, paths):
+        """The readable files among `paths`, read at the model's size, with their maps and captions."""
+        size = tuple(model.input_shape[1:3])
+        images, kept = [], []
+        for f in paths:
             try:
-                batch.append(read_image(f, size, budget))
-                names.append(f)
+                images.append(read_image(f, size, budget))
+                kept.append(f)
             except UnreadableImage as e:
                 if len(files) == 1:
                     raise UserError(f"IMAGE_OR_FOLDER: {e}") from None
                 print(f"skipped: {e}")
-        if not batch:
-            continue
-        images = np.stack(batch)
+        if not images:
+            return [], None, None, []
+        images = np.stack(images)
+        class_index = None if args.class_name is None else class_names.index(args.class_name)
         if args.method == "gradcam":
             maps, probs = grad_cam(model, images, class_index, layer=args.layer)
         else:
             maps, probs = saliency(model, images, class_index, smooth=8 if args.method == "smoothgrad" else 0)
-        for f, image, heat, k, p in zip(names, images, maps, predicted_classes(probs), class_probabilities(probs)):
-            text = f"{class_names[k]} {p[k]:.2f}"
+        captions = [f"{class_names[k]} {p[k]:.2f}" for k, p in zip(predicted_classes(probs), class_probabilities(probs))]
+        return kept, images, maps, captions
+
+    if len(models) > 1:
+        return compare(args, runs, models, names, files[:args.grid or 8], explained)
+    run, model, class_names = runs[0], models[0], names[0]
+    out = Path(args.out or ((run.figures_dir if run else Path("figures")) / "gradcam"))
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    shown_images, shown_maps, shown_captions, written = [], [], [], 0
+    for start in range(0, len(files), 16):
+        kept, images, maps, captions = explained(model, class_names, files[start:start + 16])
+        for f, image, heat, text in zip(kept, images if kept else [], maps if kept else [], captions):
             save_pair(out / f"{Path(f).stem}_{args.method}.png", image, heat, text)
             written += 1
-            if len(shown_images) < args.grid:
+            if len(shown_images) < (args.grid or 48):
                 shown_images.append(image)
                 shown_maps.append(heat)
                 shown_captions.append(f"{Path(f).name[:18]}\n{text}")
@@ -96,6 +107,29 @@ def main(argv: list[str] | None = None) -> int:
         for path in save_figure(grid_figure(np.stack(shown_images), np.stack(shown_maps), shown_captions, title),
                                 out / f"grid_{args.method}"):
             print(f"Wrote {path}")
+    return 0
+
+
+def compare(args, runs, models, names, files, explained) -> int:
+    """Several runs on the same photos: one figure, a row per photo, the photo and then each run's map."""
+    from cnnlab.cam import comparison_figure
+    from cnnlab.plots import save_figure
+
+    from cnnlab.errors import UserError
+
+    shown, photos, _, _ = explained(models[0], names[0], files)
+    if not shown:
+        raise UserError(f"IMAGE_OR_FOLDER: none of the images in {args.target} could be read.")
+    columns = []
+    for run, model, class_names in zip(runs, models, names):
+        _, images, maps, captions = explained(model, class_names, shown)
+        columns.append((run.path.name, images, maps, captions))
+    what = f"{args.method}" + (f" for {args.class_name}" if args.class_name else " of each run's predicted class")
+    out = Path(args.out or Path("figures") / "gradcam")
+    out.mkdir(parents=True, exist_ok=True)
+    fig = comparison_figure(photos, [Path(f).name for f in shown], columns, f"Where each run looks: {what}")
+    for path in save_figure(fig, out / f"compare_{args.method}"):
+        print(f"Wrote {path}")
     return 0
 
 

@@ -225,3 +225,30 @@ def grid_figure(images: np.ndarray, maps: np.ndarray, captions: list[str], title
         ax.set_title(text, fontsize=6)
     fig.suptitle(title, fontsize=9)
     return fig
+
+
+def comparison_figure(photos: np.ndarray, photo_names: list[str],
+                      columns: list[tuple[str, np.ndarray, np.ndarray, list[str]]], title: str):
+    """Several models' maps of the same photos: a row per photo, its picture first, then a column per model.
+
+    Args:
+        photos: the photos as the first model read them.
+        photo_names: a caption for each photo.
+        columns: per model, its name and the photos as it read them (its input size), its maps and captions.
+        title: the figure's title.
+    """
+    import matplotlib.pyplot as plt
+
+    rows, width = len(photos), 1 + len(columns)
+    fig, axes = plt.subplots(rows, width, figsize=(1.9 * width, 1.9 * rows + 0.5), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i in range(rows):
+        axes[i, 0].imshow(photos[i])
+        axes[i, 0].set_title(photo_names[i][:22], fontsize=6)
+        for j, (name, images, maps, captions) in enumerate(columns, start=1):
+            axes[i, j].imshow(overlay(images[i], maps[i]))
+            axes[i, j].set_title(f"{name[:18]}: {captions[i]}", fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -59,12 +59,17 @@ def add_config_arguments(parser: argparse.ArgumentParser, required: bool = False
                         help="override one key, e.g. --set training.epochs=3 (value parsed as YAML); repeatable")
 
 
-def add_images_and_model_arguments(parser: argparse.ArgumentParser, exported: bool = False) -> None:
-    """IMAGE_OR_FOLDER and which model reads it (--run or --checkpoint, and with `exported` --model): what
-    predict.py and gradcam.py take."""
+def add_images_and_model_arguments(parser: argparse.ArgumentParser, exported: bool = False,
+                                   several_runs: bool = False) -> None:
+    """IMAGE_OR_FOLDER and which model reads it (--run or --checkpoint; with `exported` also --model; with
+    `several_runs`, --run may be repeated): what predict.py and gradcam.py take."""
     parser.add_argument("target", metavar="IMAGE_OR_FOLDER", help="an image file, or a folder searched recursively")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", metavar="RUN_DIR", help="a run directory (its best checkpoint)")
+    if several_runs:
+        source.add_argument("--run", action="append", metavar="RUN_DIR",
+                            help="a run directory (its best checkpoint); repeat to compare runs side by side")
+    else:
+        source.add_argument("--run", metavar="RUN_DIR", help="a run directory (its best checkpoint)")
     source.add_argument("--checkpoint", metavar="FILE", help="a .keras checkpoint")
     if exported:
         source.add_argument("--model", metavar="EXPORT", help="an exported model's folder (export.py), or its file")

@@ -42,17 +42,22 @@ def quadrant_of_peak(maps: np.ndarray) -> np.ndarray:
     return rows // (SIZE // 2) * 2 + cols // (SIZE // 2)
 
 
-@pytest.fixture(scope="module")
-def standard_on_quadrants():
-    cfg = config.resolve([], ["data.source=synthetic", f"data.image_size=[{SIZE},{SIZE}]", "model.name=standard",
-                              "model.standard.filters=[16,32,32]", "augment.flip=none", "training.optimizer=adam",
-                              "training.learning_rate=0.003", "training.schedule=constant"])
+def trained_on_quadrants(*sets: str, learning_rate: float = 0.003) -> keras.Model:
+    """A small net of a family (`sets`), trained for a few seconds on 768 images of the quadrant task."""
+    cfg = config.resolve([], ["data.source=synthetic", f"data.image_size=[{SIZE},{SIZE}]", "augment.flip=none",
+                              "training.optimizer=adam", f"training.learning_rate={learning_rate}",
+                              "training.schedule=constant", *sets])
     keras.utils.set_random_seed(0)
     model = build_model(cfg, 2)
-    compile_model(model, cfg["training"], 2, steps_per_epoch=40)
+    compile_model(model, cfg["training"], 2, steps_per_epoch=24)
     images, labels, _ = quadrant_task(768, seed=1)
     model.fit(images, labels[:, None].astype(np.float32), batch_size=32, epochs=4, verbose=0)
     return model
+
+
+@pytest.fixture(scope="module")
+def standard_on_quadrants():
+    return trained_on_quadrants("model.name=standard", "model.standard.filters=[16,32,32]")
 
 
 def test_grad_cam_equals_the_hand_computation_on_the_named_layer():
@@ -101,6 +106,23 @@ def test_the_standard_net_looks_at_the_quadrant_that_holds_the_evidence(standard
     # SmoothGrad's pixels point there too.
     smooth, _ = saliency(model, images[:20], class_index=labels[:20], smooth=8)
     assert (quadrant_of_peak(smooth) == quadrants[:20]).mean() >= 0.8
+
+
+@pytest.mark.parametrize("family, sets, learning_rate, layer", [
+    ("pointwise", ["model.pointwise.stem_filters=16", "model.pointwise.filters=[16,32,32]"], 0.003,
+     "stage3_block1_out"),
+    ("separable", ["model.separable.stem_filters=16", "model.separable.stem_strides=1",
+                   "model.separable.filters=[16,32,32]"], 0.01, "stage3_block1_pointwise_act"),
+])
+def test_pointwise_and_separable_nets_look_at_the_evidence_too(family, sets, learning_rate, layer):
+    model = trained_on_quadrants(f"model.name={family}", *sets, learning_rate=learning_rate)
+    images, labels, quadrants = quadrant_task(100, seed=2)
+    assert find_target_layer(model)[0].endswith(layer)
+    maps, probs = grad_cam(model, images, class_index=labels)
+    assert ((probs[:, 0] >= 0.5) == labels).mean() >= 0.9
+    hits = (quadrant_of_peak(maps) == quadrants).mean()
+    assert hits >= 0.5, hits  # chance is 0.25
+    assert (quadrant_of_peak(1 - maps) == quadrants).mean() < 0.5
 
 
 @pytest.mark.parametrize("config_file, expected", [
@@ -181,3 +203,27 @@ def test_tensorboard_gets_grad_cam_overlays_of_fixed_val_images_each_epoch(tmp_p
     image = next(iter(build_datasets(cfg["data"], seed=cfg["run"]["seed"]).val))[0].numpy()[0]
     maps, _ = grad_cam(keras.models.load_model(run_dir / "checkpoints" / "last.keras"), image[None])
     assert first.shape == (16, 16, 3) and np.abs(first.astype(int) - overlay(image, maps[0]).astype(int)).max() <= 1
+
+
+def test_several_runs_are_compared_on_the_same_photos_in_one_figure(tmp_path, capsys):
+    from PIL import Image
+
+    from cnnlab.training import train
+
+    runs = [train(config.resolve([str(REPO / "configs" / "smoke.yaml")], [
+        f"run.dir={tmp_path}", f"run.name=r{seed}", f"run.seed={seed}", "training.epochs=1",
+        "data.synthetic_size=64"]), ["smoke.yaml"]) for seed in (0, 1)]
+    images, _, _ = quadrant_task(3, seed=4)
+    for i, image in enumerate(images):
+        write_image(tmp_path / "photos" / f"p{i}.png", image.astype(np.uint8), fmt="png")
+    (tmp_path / "photos" / "broken.png").write_bytes(b"not an image")
+    proc = run_cli_in_process(capsys, "gradcam.py", str(tmp_path / "photos"), "--run", str(runs[0]), "--run",
+                              str(runs[1]), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["compare_gradcam.png"]
+    assert "skipped:" in proc.stdout and "broken.png" in proc.stdout
+    width, height = Image.open(tmp_path / "out" / "compare_gradcam.png").size
+    assert width / height == pytest.approx((1.9 * 3) / (1.9 * 3 + 0.5), rel=0.02)  # 3 photos x (photo + 2 runs)
+    wrong = run_cli_in_process(capsys, "gradcam.py", str(tmp_path / "photos"), "--run", str(runs[0]), "--run",
+                               str(runs[1]), "--class", "dogs")
+    assert_user_error(wrong, "--class", "Received: 'dogs'")

@@ -136,7 +136,11 @@ def representative_images(cfg: dict, count: int) -> np.ndarray:
     what int8 quantization calibrates its value ranges on."""
     from cnnlab.data import source_splits
 
-    splits, _ = source_splits(cfg["data"], cfg["run"]["seed"])
+    data = cfg["data"]
+    if data["source"] == "folder" and not os.path.isdir(data["path"]):
+        raise UserError(f"data.path: int8 calibrates on the run's training images, and the run's data folder is not "
+                        f"there; pass --set data.path=DIR. Received: {data['path']!r}")
+    splits, _ = source_splits(data, cfg["run"]["seed"])
     ds, n = splits["train"]
     images = [image.numpy() for image, _, _ in ds.shuffle(n, seed=cfg["run"]["seed"]).take(count)]
     if not images:
@@ -237,6 +241,8 @@ def export_run(run: RunDir, formats: list[str], out: str | Path | None = None, *
     specs = [check_format(f) for f in dict.fromkeys(formats)]
     out = Path(out) if out is not None else run.export_dir
     targets = [out / spec.name for spec in specs]
+    if calibration_images < 1:
+        raise UserError(f"--calibration-images: a positive number of images. Received: {calibration_images}")
     for target in targets:
         if target.exists() and not overwrite:
             raise UserError(f"--out: {target} already exists; pass --overwrite to replace it, or choose another "
@@ -248,8 +254,6 @@ def export_run(run: RunDir, formats: list[str], out: str | Path | None = None, *
         probe.unlink()
     except OSError as e:
         raise UserError(f"--out: cannot write to {out} ({e.strerror or e}).") from None
-    if calibration_images < 1:
-        raise UserError(f"--calibration-images: a positive number of images. Received: {calibration_images}")
 
     cfg = run.config(list(overrides))
     checkpoint = run.checkpoint("best")
@@ -346,13 +350,6 @@ class ExportedModel:
         if images.dtype != np.uint8:
             images = np.clip(np.round(images), 0, 255).astype(np.uint8)
         return np.asarray(self._run(images), dtype=np.float32)
-
-
-def is_export(path: str | Path) -> bool:
-    """Whether `path` is an export folder, or the model file inside one."""
-    path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    return (folder / METADATA).is_file()
 
 
 def load_exported(path: str | Path, what: str = "--model") -> ExportedModel:

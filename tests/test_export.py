@@ -2,12 +2,14 @@
 like checkpoints; bad input is one line."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from cnnlab import config
 from tests.conftest import REPO, assert_user_error, run_cli_in_process
@@ -197,6 +199,14 @@ def test_bad_input_is_one_line_and_an_existing_export_is_kept(smoke_run, tmp_pat
     assert_user_error(export("--run", str(smoke_run), "--out", str(blocker / "sub")), "--out", "cannot write")
     assert_user_error(export("--run", str(smoke_run), "--calibration-images", "0", "--format", "tflite_int8",
                              "--out", str(tmp_path / "c")), "--calibration-images", "Received: 0")
+    assert not (tmp_path / "c").exists()  # refused before anything was written
+    moved = tmp_path / "moved_run"
+    shutil.copytree(smoke_run, moved)
+    cfg = yaml.safe_load((moved / "config.yaml").read_text())
+    cfg["data"].update(source="folder", path=str(tmp_path / "gone"))
+    (moved / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert_user_error(export("--run", str(moved), "--format", "tflite_int8", "--out", str(tmp_path / "m")),
+                      "data.path", "--set data.path=DIR")
     out = tmp_path / "out"
     assert export("--run", str(smoke_run), "--out", str(out), "--format", "tflite").returncode == 0
     before = (out / "tflite" / "model.tflite").read_bytes()

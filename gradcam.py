@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
 
-    from cnnlab.cam import grad_cam, grid_figure, predicted_classes, saliency, save_pair
+    from cnnlab.cam import comparison_figure, explain, grid_figure, predicted_classes, save_pair
     from cnnlab.config import load_defaults
     from cnnlab.errors import UserError
     from cnnlab.evaluation import class_probabilities, image_files, num_model_classes
@@ -47,22 +47,19 @@ def main(argv: list[str] | None = None) -> int:
     from cnnlab.runs import RunDir, load_checkpoint
 
     files = image_files(args.target)
-    if args.layer is not None and args.method != "gradcam":
-        raise UserError(f"--layer: only Grad-CAM reads a layer; saliency maps are of the input. Received: --method "
-                        f"{args.method}")
+    # Every model to explain (several --run compare them), with its class names.
     runs = [RunDir.open(r) for r in args.run] if args.run else [RunDir.of_checkpoint(args.checkpoint)]
     models = [run.load("best") for run in runs] if args.run else [load_checkpoint(args.checkpoint)]
-    names = [[f"class_{i}" for i in range(max(num_model_classes(m), 2))] for m in models]
-    names = [(run.class_names() if run else None) or default for run, default in zip(runs, names)]
+    names = [(run.class_names() if run else None) or [f"class_{i}" for i in range(max(num_model_classes(m), 2))]
+             for run, m in zip(runs, models)]
     for class_names in names if args.class_name is not None else []:
         if args.class_name not in class_names:
             raise UserError(f"--class: the model's classes are {class_names}. Received: {args.class_name!r}")
     budget = (runs[0].config() if runs[0] else load_defaults())["data"]["max_image_megapixels"]
 
-    def explained(model, class_names, paths):
-        """The readable files among `paths`, read at the model's size, with their maps and captions."""
-        size = tuple(model.input_shape[1:3])
-        images, kept = [], []
+    def read(paths: list[str], size) -> tuple[list[str], np.ndarray | None]:
+        """The readable files among `paths` and their pixels at `size`, as training reads them."""
+        kept, images = [], []
         for f in paths:
             try:
                 images.append(read_image(f, size, budget))
@@ -71,27 +68,42 @@ def main(argv: list[str] | None = None) -> int:
                 if len(files) == 1:
                     raise UserError(f"IMAGE_OR_FOLDER: {e}") from None
                 print(f"skipped: {e}")
-        if not images:
-            return [], None, None, []
-        images = np.stack(images)
-        class_index = None if args.class_name is None else class_names.index(args.class_name)
-        if args.method == "gradcam":
-            maps, probs = grad_cam(model, images, class_index, layer=args.layer)
-        else:
-            maps, probs = saliency(model, images, class_index, smooth=8 if args.method == "smoothgrad" else 0)
-        captions = [f"{class_names[k]} {p[k]:.2f}" for k, p in zip(predicted_classes(probs), class_probabilities(probs))]
-        return kept, images, maps, captions
+        return kept, (np.stack(images) if images else None)
 
-    if len(models) > 1:
-        return compare(args, runs, models, names, files[:args.grid or 8], explained)
+    def maps_of(model, class_names, images) -> tuple[np.ndarray, list[str]]:
+        """The maps of a batch and a caption for each: the predicted class and its probability."""
+        class_index = None if args.class_name is None else class_names.index(args.class_name)
+        maps, probs = explain(model, images, args.method, class_index, args.layer)
+        return maps, [f"{class_names[k]} {p[k]:.2f}" for k, p in zip(predicted_classes(probs),
+                                                                     class_probabilities(probs))]
+
+    what = args.method + (f" for {args.class_name}" if args.class_name else " of the predicted class")
+    if len(models) > 1:  # one figure: a row per photo, the photo and then each run's map
+        shown, photos = read(files[:args.grid or 8], models[0].input_shape[1:3])
+        if not shown:
+            raise UserError(f"IMAGE_OR_FOLDER: none of the images in {args.target} could be read.")
+        columns = []
+        for run, model, class_names in zip(runs, models, names):
+            _, images = read(shown, model.input_shape[1:3]) if model is not models[0] else (shown, photos)
+            columns.append((run.path.name, images, *maps_of(model, class_names, images)))
+        out = Path(args.out or Path("figures") / "gradcam")
+        out.mkdir(parents=True, exist_ok=True)
+        fig = comparison_figure(photos, [Path(f).name for f in shown], columns, f"Where each run looks: {what}")
+        for path in save_figure(fig, out / f"compare_{args.method}"):
+            print(f"Wrote {path}")
+        return 0
+
     run, model, class_names = runs[0], models[0], names[0]
     out = Path(args.out or ((run.figures_dir if run else Path("figures")) / "gradcam"))
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     shown_images, shown_maps, shown_captions, written = [], [], [], 0
     for start in range(0, len(files), 16):
-        kept, images, maps, captions = explained(model, class_names, files[start:start + 16])
-        for f, image, heat, text in zip(kept, images if kept else [], maps if kept else [], captions):
+        kept, images = read(files[start:start + 16], model.input_shape[1:3])
+        if not kept:
+            continue
+        maps, captions = maps_of(model, class_names, images)
+        for f, image, heat, text in zip(kept, images, maps, captions):
             save_pair(out / f"{Path(f).stem}_{args.method}.png", image, heat, text)
             written += 1
             if len(shown_images) < (args.grid or 48):
@@ -103,33 +115,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{written / seconds:.1f} images/s")
     if len(files) > 1 and shown_images:
         name = run.path.name if run else Path(args.checkpoint).stem
-        title = f"{name}: {args.method}" + (f" for {args.class_name}" if args.class_name else " of the predicted class")
-        for path in save_figure(grid_figure(np.stack(shown_images), np.stack(shown_maps), shown_captions, title),
-                                out / f"grid_{args.method}"):
+        for path in save_figure(grid_figure(np.stack(shown_images), np.stack(shown_maps), shown_captions,
+                                            f"{name}: {what}"), out / f"grid_{args.method}"):
             print(f"Wrote {path}")
-    return 0
-
-
-def compare(args, runs, models, names, files, explained) -> int:
-    """Several runs on the same photos: one figure, a row per photo, the photo and then each run's map."""
-    from cnnlab.cam import comparison_figure
-    from cnnlab.plots import save_figure
-
-    from cnnlab.errors import UserError
-
-    shown, photos, _, _ = explained(models[0], names[0], files)
-    if not shown:
-        raise UserError(f"IMAGE_OR_FOLDER: none of the images in {args.target} could be read.")
-    columns = []
-    for run, model, class_names in zip(runs, models, names):
-        _, images, maps, captions = explained(model, class_names, shown)
-        columns.append((run.path.name, images, maps, captions))
-    what = f"{args.method}" + (f" for {args.class_name}" if args.class_name else " of each run's predicted class")
-    out = Path(args.out or Path("figures") / "gradcam")
-    out.mkdir(parents=True, exist_ok=True)
-    fig = comparison_figure(photos, [Path(f).name for f in shown], columns, f"Where each run looks: {what}")
-    for path in save_figure(fig, out / f"compare_{args.method}"):
-        print(f"Wrote {path}")
     return 0
 
 

@@ -179,6 +179,18 @@ def saliency(model: keras.Model, images, class_index=None, smooth: int = 0, nois
     return _upsampled_and_scaled(tf.reduce_max(total, axis=-1), images.shape[1:3]), probs
 
 
+def explain(model: keras.Model, images: np.ndarray, method: str = "gradcam", class_index=None,
+            layer: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Maps of a batch by `method`: "gradcam", "saliency" or "smoothgrad" (saliency over 8 noisy copies).
+    Returns the maps `(N, H, W)` in [0, 1] and the model's probabilities."""
+    if method == "gradcam":
+        return grad_cam(model, images, class_index, layer=layer)
+    if layer is not None:
+        raise UserError(f"--layer: only Grad-CAM reads a layer; saliency maps are of the input. Received: --method "
+                        f"{method}")
+    return saliency(model, images, class_index, smooth=8 if method == "smoothgrad" else 0)
+
+
 def _upsampled_and_scaled(maps: tf.Tensor, size) -> np.ndarray:
     maps = tf.image.resize(maps[..., None], size, method="bilinear")[..., 0]
     peak = tf.reduce_max(maps, axis=(1, 2), keepdims=True)

@@ -172,6 +172,9 @@ def test_the_cli_writes_a_figure_per_image_and_a_grid_and_refuses_a_wrong_layer(
                                "--layer", "no_such_layer")
     line = assert_user_error(wrong, "--layer: 'no_such_layer' is not a spatial conv layer", "stage3_block1_conv")
     assert "Received: 'no_such_layer'" in line
+    saliency_with_layer = run_cli_in_process(capsys, "gradcam.py", str(tmp_path / "photos"), "--checkpoint",
+                                             str(checkpoint), "--method", "saliency", "--layer", "stage1_block1_conv")
+    assert_user_error(saliency_with_layer, "--layer: only Grad-CAM reads a layer", "Received: --method saliency")
 
 
 def test_the_worst_mistakes_figure_shows_where_the_model_saw_the_class_it_wrongly_said(standard_on_quadrants):

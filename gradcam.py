@@ -4,6 +4,7 @@
     python gradcam.py photos/ --run runs/<name>                 # one figure per image and a grid of them all
     python gradcam.py photos/ --run runs/<name> --layer vgg16/block5_conv3
     python gradcam.py photos/ --checkpoint model.keras --method smoothgrad
+    python gradcam.py photos/ --run runs/<name> --method gradcam++
     python gradcam.py photos/ --run runs/a --run runs/b --run runs/c   # one figure: each run's map, side by side
 
 The map is taken from the last spatial conv feature map before the classifier head, found automatically (also inside
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from cnnlab import cli
 
-METHODS = ("gradcam", "saliency", "smoothgrad")
+METHODS = ("gradcam", "gradcam++", "saliency", "smoothgrad")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=cli.argparse.RawDescriptionHelpFormatter)
     cli.add_images_and_model_arguments(parser, several_runs=True)
     parser.add_argument("--layer", help="the feature map to explain, e.g. vgg16/block5_conv3 (default: the last one)")
-    parser.add_argument("--method", choices=METHODS, default="gradcam", help="gradcam (default), saliency, smoothgrad")
+    parser.add_argument("--method", choices=METHODS, default="gradcam",
+                        help="gradcam (default), gradcam++, saliency, smoothgrad")
     parser.add_argument("--class", dest="class_name", metavar="NAME",
                         help="explain this class instead of the predicted one")
     parser.add_argument("--out", help="output folder")
@@ -78,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                      class_probabilities(probs))]
 
     what = args.method + (f" for {args.class_name}" if args.class_name else " of the predicted class")
+    tag = args.method.replace("++", "pp")  # in file names
     if len(models) > 1:  # one figure: a row per photo, the photo and then each run's map
         shown, photos = read(files[:args.grid or 8], models[0].input_shape[1:3])
         if not shown:
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out or Path("figures") / "gradcam")
         out.mkdir(parents=True, exist_ok=True)
         fig = comparison_figure(photos, [Path(f).name for f in shown], columns, f"Where each run looks: {what}")
-        for path in save_figure(fig, out / f"compare_{args.method}"):
+        for path in save_figure(fig, out / f"compare_{tag}"):
             print(f"Wrote {path}")
         return 0
 
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         maps, captions = maps_of(model, class_names, images)
         for f, image, heat, text in zip(kept, images, maps, captions):
-            save_pair(out / f"{Path(f).stem}_{args.method}.png", image, heat, text)
+            save_pair(out / f"{Path(f).stem}_{tag}.png", image, heat, text)
             written += 1
             if len(shown_images) < (args.grid or 48):
                 shown_images.append(image)
@@ -116,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(files) > 1 and shown_images:
         name = run.path.name if run else Path(args.checkpoint).stem
         for path in save_figure(grid_figure(np.stack(shown_images), np.stack(shown_maps), shown_captions,
-                                            f"{name}: {what}"), out / f"grid_{args.method}"):
+                                            f"{name}: {what}"), out / f"grid_{tag}"):
             print(f"Wrote {path}")
     return 0
 

@@ -2,7 +2,8 @@
 
 Grad-CAM (Selvaraju et al., 2017) weighs each channel of a late convolutional feature map by how much the class score
 rises with it (its gradient, averaged over the map), sums the weighted channels and keeps the positive part: a coarse
-map of the evidence for that class. Gradient saliency (Simonyan et al., 2014) is the size of the class score's
+map of the evidence for that class. Grad-CAM++ (Chattopadhay et al., 2018) weighs each place's positive gradient
+instead of the mean, so separate pieces of evidence all show. Gradient saliency (Simonyan et al., 2014) is the size of the class score's
 gradient with respect to each input pixel; SmoothGrad (Smilkov et al., 2017) averages it over noisy copies of the
 image, which removes most of its speckle.
 
@@ -123,34 +124,62 @@ def predicted_classes(probs: np.ndarray) -> np.ndarray:
     return class_probabilities(probs).argmax(-1).astype(np.int32)
 
 
-def grad_cam(model: keras.Model, images, class_index=None, layer: str | None = None,
+def logits_layer(model: keras.Model) -> keras.layers.Layer:
+    """The classifier's last Dense layer (`head_dense` in every family), whose outputs are the class logits."""
+    heads = [layer for path, layer in named_layers(model) if path.split("/")[-1] == "head_dense"]
+    if not heads:
+        raise UserError(f"--method gradcam++: the model {model.name!r} has no 'head_dense' layer to read the class "
+                        "logits from (models this project builds all have one); use --method gradcam.")
+    return heads[-1]
+
+
+def grad_cam(model: keras.Model, images, class_index=None, layer: str | None = None, plus_plus: bool = False,
              ) -> tuple[np.ndarray, np.ndarray]:
-    """Grad-CAM maps of a batch of images.
+    """Grad-CAM (or Grad-CAM++) maps of a batch of images.
 
     Args:
         model: any model the project builds (augmentation layers run in inference mode).
         images: `(N, H, W, 3)` pixels in [0, 255], at the model's input size.
         class_index: the class to explain per image (an int or N ints); None: the predicted class.
         layer: the feature map to read (see `find_target_layer`); None: found automatically.
+        plus_plus: Grad-CAM++ (Chattopadhay et al., 2018): each channel weighs its positive gradients place by place
+            instead of by their mean, so several separate pieces of evidence all show. Its closed form holds for the
+            exponential of the class logit, so it reads the logits (`logits_layer`).
 
     Returns:
         Maps `(N, H, W)` in [0, 1] (each scaled by its own maximum; all zero where no evidence is positive), and the
         model's probabilities `(N, classes)`.
     """
     _, target = find_target_layer(model, layer)
+    head = logits_layer(model) if plus_plus else None
     images = tf.convert_to_tensor(np.asarray(images, np.float32))
-    with _captured(target) as outputs, tf.GradientTape() as tape:
+    with (_captured(target) as outputs, _captured(head) if head else contextlib.nullcontext([]) as logits,
+          tf.GradientTape() as tape):
         probs = model(images, training=False)
         feature_map = outputs[-1]
         if class_index is None:
             chosen = tf.constant(predicted_classes(np.asarray(probs, np.float32)))
         else:
             chosen = tf.broadcast_to(tf.constant(class_index, tf.int32), [images.shape[0]])
-        score = tf.reduce_sum(class_scores(probs, chosen))
+        score = tf.reduce_sum(class_logits(logits[-1], chosen) if head else class_scores(probs, chosen))
     grads = tf.cast(tape.gradient(score, feature_map), tf.float32)
-    weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
-    cam = tf.nn.relu(tf.reduce_sum(weights * tf.cast(feature_map, tf.float32), axis=-1))
+    feature_map = tf.cast(feature_map, tf.float32)
+    if plus_plus:
+        denominator = 2 * grads ** 2 + tf.reduce_sum(feature_map, axis=(1, 2), keepdims=True) * grads ** 3
+        alpha = tf.math.divide_no_nan(grads ** 2, denominator)
+        weights = tf.reduce_sum(alpha * tf.nn.relu(grads), axis=(1, 2), keepdims=True)
+    else:
+        weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
+    cam = tf.nn.relu(tf.reduce_sum(weights * feature_map, axis=-1))
     return _upsampled_and_scaled(cam, images.shape[1:3]), np.asarray(probs, np.float32)
+
+
+def class_logits(logits: tf.Tensor, class_index: tf.Tensor) -> tf.Tensor:
+    """The logit of `class_index` per image; a single sigmoid unit's logit z is class 1's, and -z class 0's."""
+    logits = tf.cast(logits, tf.float32)
+    if logits.shape[-1] == 1:
+        return tf.where(class_index == 1, logits[:, 0], -logits[:, 0])
+    return tf.gather(logits, class_index, batch_dims=1)
 
 
 def saliency(model: keras.Model, images, class_index=None, smooth: int = 0, noise: float = 0.15,
@@ -181,10 +210,11 @@ def saliency(model: keras.Model, images, class_index=None, smooth: int = 0, nois
 
 def explain(model: keras.Model, images: np.ndarray, method: str = "gradcam", class_index=None,
             layer: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Maps of a batch by `method`: "gradcam", "saliency" or "smoothgrad" (saliency over 8 noisy copies).
+    """Maps of a batch by `method`: "gradcam", "gradcam++", "saliency" or "smoothgrad" (saliency over 8 noisy
+    copies).
     Returns the maps `(N, H, W)` in [0, 1] and the model's probabilities."""
-    if method == "gradcam":
-        return grad_cam(model, images, class_index, layer=layer)
+    if method in ("gradcam", "gradcam++"):
+        return grad_cam(model, images, class_index, layer=layer, plus_plus=method == "gradcam++")
     if layer is not None:
         raise UserError(f"--layer: only Grad-CAM reads a layer; saliency maps are of the input. Received: --method "
                         f"{method}")

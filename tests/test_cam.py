@@ -88,6 +88,28 @@ def test_grad_cam_equals_the_hand_computation_on_the_named_layer():
     assert np.abs(grad_cam(model, images, class_index=1 - predicted.numpy(), layer="first")[0] - other).max() > 0.05
 
 
+def test_grad_cam_plus_plus_equals_the_hand_computation_from_the_logits():
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((12, 12, 3))
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="target")(keras.layers.Rescaling(1 / 255)(inputs))
+    logits = keras.layers.Dense(1, name="head_dense")(keras.layers.GlobalAveragePooling2D()(x))
+    model = keras.Model(inputs, keras.layers.Activation("sigmoid", name="predictions")(logits))
+    images = np.random.default_rng(1).uniform(0, 255, (3, 12, 12, 3)).astype(np.float32)
+    both = keras.Model(inputs, [model.get_layer("target").output, logits])
+    with tf.GradientTape() as tape:
+        feature_map, z = both(images)
+        score = tf.reduce_sum(z[:, 0])  # class 1's logit
+    g = tape.gradient(score, feature_map)
+    alpha = tf.math.divide_no_nan(g ** 2, 2 * g ** 2 + tf.reduce_sum(feature_map, axis=(1, 2), keepdims=True) * g ** 3)
+    weights = tf.reduce_sum(alpha * tf.nn.relu(g), axis=(1, 2), keepdims=True)
+    cam = tf.image.resize(tf.nn.relu(tf.reduce_sum(weights * feature_map, axis=-1))[..., None], (12, 12))[..., 0]
+    expected = tf.math.divide_no_nan(cam, tf.reduce_max(cam, axis=(1, 2), keepdims=True)).numpy()
+    maps, _ = grad_cam(model, images, class_index=1, layer="target", plus_plus=True)
+    assert expected.std() > 0.05
+    np.testing.assert_allclose(maps, expected, atol=1e-5)
+    assert np.abs(grad_cam(model, images, class_index=1, layer="target")[0] - maps).max() > 1e-3  # not Grad-CAM
+
+
 def test_the_standard_net_looks_at_the_quadrant_that_holds_the_evidence(standard_on_quadrants):
     model = standard_on_quadrants
     images, labels, quadrants = quadrant_task(100, seed=2)
@@ -103,7 +125,9 @@ def test_the_standard_net_looks_at_the_quadrant_that_holds_the_evidence(standard
     # ... as does a map read off the wrong tensor: the input's (local) brightness peaks on the white square.
     brightness = tf.nn.avg_pool2d(images.mean(-1, keepdims=True), 15, 1, "SAME")[..., 0].numpy()
     assert (quadrant_of_peak(brightness) == quadrants).mean() < 0.2
-    # SmoothGrad's pixels point there too.
+    # Grad-CAM++ and SmoothGrad's pixels point there too.
+    plus, _ = grad_cam(model, images, class_index=labels, plus_plus=True)
+    assert (quadrant_of_peak(plus) == quadrants).mean() >= 0.9
     smooth, _ = saliency(model, images[:20], class_index=labels[:20], smooth=8)
     assert (quadrant_of_peak(smooth) == quadrants[:20]).mean() >= 0.8
 

@@ -95,20 +95,15 @@ def float32_model(model: keras.Model) -> keras.Model:
             return [float32_policies(v) for v in obj]
         return obj
 
-    if all(layer.compute_dtype == "float32" for layer in _all_layers(model)):
+    from cnnlab.cam import named_layers
+
+    if all(layer.compute_dtype == "float32" for _, layer in named_layers(model)):
         return model
     import models  # noqa: F401  registers the project's custom layers for deserialization
 
     copy = keras.saving.deserialize_keras_object(float32_policies(keras.saving.serialize_keras_object(model)))
     copy.set_weights(model.get_weights())
     return copy
-
-
-def _all_layers(model: keras.Model):
-    for layer in model.layers:
-        yield layer
-        if isinstance(layer, keras.Model):
-            yield from _all_layers(layer)
 
 
 def serving_function(model: keras.Model, tta: bool) -> tf.types.experimental.PolymorphicFunction:

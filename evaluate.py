@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     from cnnlab.evaluation import evaluate, format_comparison
 
     if args.checkpoint or args.model:
-        evaluate(checkpoint=args.checkpoint, exported=args.model, config_files=args.config, overrides=args.overrides, split=args.split,
-                 out=args.out, tta=args.tta)
+        evaluate(checkpoint=args.checkpoint, exported=args.model, config_files=args.config,
+                 overrides=args.overrides, split=args.split, out=args.out, tta=args.tta)
         return 0
     if args.out and len(args.run) > 1:
         parser.error("--out takes one run; each run writes to its own RUN_DIR/eval/<split>")

@@ -38,17 +38,16 @@ def main(argv: list[str] | None = None) -> int:
         from cnnlab.export import load_exported
 
         model = load_exported(args.model)
-        if args.tta and model.tta:
-            raise UserError(f"--tta: {model.folder} already averages with the mirror image inside the model.")
-        tta, trained_on = bool(args.tta), model.class_names
+        tta, trained_on = model.flip_averaging(args.tta), model.class_names
         data_cfg = (model.metadata.get("config") or load_defaults())["data"]
     else:
         ckpt = RunDir.open(args.run).checkpoint("best") if args.run else Path(args.checkpoint)
         model = load_checkpoint(ckpt)
         run = RunDir.of_checkpoint(ckpt)  # a checkpoint inside a run knows its class names and how it validated
-        tta = args.tta if args.tta is not None else flip_tta(run.saved_config() if run else {})
+        cfg = run.config() if run else load_defaults()
+        tta = args.tta if args.tta is not None else flip_tta(cfg)
         trained_on = run.class_names() if run else None
-        data_cfg = run.config()["data"] if run else load_defaults()["data"]
+        data_cfg = cfg["data"]
     n = num_model_classes(model)
     if args.class_names:
         class_names = [c.strip() for c in args.class_names.split(",")]

@@ -351,8 +351,7 @@ def evaluate(*, run: str | None = None, checkpoint: str | None = None, exported:
         ckpt = Path(checkpoint)
         if config_files:
             cfg = config_lib.resolve(list(config_files), list(overrides))
-        elif RunDir.of_checkpoint(ckpt) is not None:  # a checkpoint inside a run directory knows its config
-            run_dir = RunDir.of_checkpoint(ckpt)
+        elif (run_dir := RunDir.of_checkpoint(ckpt)) is not None:  # a checkpoint inside a run knows its config
             cfg = run_dir.config(overrides)
         else:
             raise UserError(f"--checkpoint: {ckpt} is not inside a run directory; pass --config FILE to say how to "
@@ -379,12 +378,10 @@ def _evaluate_exported(path: str, config_files: list[str], overrides: list[str],
     from cnnlab.export import load_exported
 
     model = load_exported(path)
-    if tta and model.tta:
-        raise UserError(f"--tta: {model.folder} already averages with the mirror image inside the model "
-                        "(its metadata.json says tta: flip).")
+    tta = model.flip_averaging(tta)
     cfg = config_lib.resolve(list(config_files), list(overrides), base=model.metadata["config"])
-    preds, split = predict_split(model, cfg, split, bool(tta), trained_on=model.class_names)
-    metrics = _metrics(preds, model, split, str(model.folder), bool(tta) or model.tta)
+    preds, split = predict_split(model, cfg, split, tta, trained_on=model.class_names)
+    metrics = _metrics(preds, model, split, str(model.folder), tta or model.tta)
     metrics["format"] = model.format
     out_dir = Path(out) if out else model.folder / "eval" / split
     title = (f"{Path(model.metadata['run']).name} / {model.format} export / {split}"

@@ -336,6 +336,14 @@ class ExportedModel:
     def output_shape(self) -> tuple:
         return (None, len(self.class_names))
 
+    def flip_averaging(self, requested: bool | None) -> bool:
+        """Whether a caller should average this model's predictions with the mirror image's itself, given --tta /
+        --no-tta (None: not asked). Never by default: an export made from a run that averaged has it inside."""
+        if requested and self.tta:
+            raise UserError(f"--tta: {self.folder} already averages with the mirror image inside the model (its "
+                            f"{METADATA} says tta: flip).")
+        return bool(requested)
+
     def count_params(self) -> int:
         return int(self.metadata.get("params", 0))
 
@@ -384,14 +392,15 @@ def _tflite_runner(folder: Path, spec: Format):
         interpreter = tf.lite.Interpreter(model_path=str(folder / spec.file), num_threads=os.cpu_count())
     source = interpreter.get_input_details()[0]["index"]
     result = interpreter.get_output_details()[0]["index"]
-    shape = [None]
+    allocated_for = None
 
     def run(images: np.ndarray) -> np.ndarray:
-        if shape[0] != images.shape:
+        nonlocal allocated_for
+        if allocated_for != images.shape:
             interpreter.resize_tensor_input(source, images.shape)
             with console.held_native_stderr():
                 interpreter.allocate_tensors()
-            shape[0] = images.shape
+            allocated_for = images.shape
         interpreter.set_tensor(source, images)
         interpreter.invoke()
         return interpreter.get_tensor(result).copy()

@@ -56,6 +56,13 @@ def export_and_load(model, fmt: str, folder: Path, tta: bool = False, calibratio
     return load_exported(folder)
 
 
+def test_the_cli_offers_the_formats_the_library_writes():
+    import export
+    from cnnlab.export import FORMATS
+
+    assert export.FORMAT_NAMES == tuple(FORMATS)  # export.py keeps its own copy: --help needs no TensorFlow
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_format_gives_the_keras_models_probabilities(family, tmp_path):
     from cnnlab.evaluation import predict_batch

@@ -13,7 +13,6 @@ temporary folder; the run is not touched.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -102,10 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration-images", type=int, default=300)
     args = parser.parse_args(argv)
 
-    from cnnlab.console import cpu_model, start_tensorflow
+    from cnnlab.console import machine_summary, start_tensorflow
 
     start_tensorflow()
-    print(f"{os.cpu_count()} cores, {cpu_model()}")
+    print(machine_summary())
     from cnnlab.errors import UserError
 
     try:

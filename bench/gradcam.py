@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --data: no such folder: {args.data}", file=sys.stderr)
         return 2
 
-    from cnnlab.console import cpu_model, start_tensorflow
+    from cnnlab.console import machine_summary, start_tensorflow
 
     start_tensorflow()  # TensorFlow's start-up notices held back, as the tools do
     from cnnlab import config
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
     found, _ = find_images(args.data)
     photos = found[:: max(1, len(found) // args.images)][: args.images]  # spread over the classes
-    print(f"gradcam.py on {len(photos)} photos at {args.size}x{args.size}; {os.cpu_count()} cores, {cpu_model()}")
+    print(f"gradcam.py on {len(photos)} photos at {args.size}x{args.size}; {machine_summary()}")
     print(f"{'config':<40} {'images/s':>9} {'wall s':>8}")
     with tempfile.TemporaryDirectory() as work:
         folder = Path(work) / "photos"

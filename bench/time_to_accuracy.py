@@ -1,7 +1,7 @@
 """Time to accuracy: the small-data configs against the tutorial baseline, on the same photos and wall-clock budget.
 
     python bench/time_to_accuracy.py configs/small_data/standard.yaml --seeds 3
-    python bench/time_to_accuracy.py configs/small_data/*.yaml --seeds 3 --budget 5
+    python bench/time_to_accuracy.py configs/small_data/*.yaml --seeds 3 --budgets 2 5 10 --work bench-work
     python bench/time_to_accuracy.py configs/small_data/standard.yaml --no-baseline
     python bench/time_to_accuracy.py configs/small_data/standard.yaml --baseline-run-on 16
 
@@ -26,18 +26,26 @@ Each config runs through `train.py` (a fresh process per seed, as a user runs it
 `image_dataset_from_directory`, RandomFlip / RandomRotation(0.1) / RandomZoom(0.2), Rescaling, Conv2D 32-64-128-256-256
 with max pooling, Flatten, Dropout(0.5), a sigmoid unit, RMSprop, batch 32.
 
-The budget (--budget, by default the first config's `training.time_budget`) is each config run's own
-`training.time_budget`, so its learning-rate schedule and progressive stages end with it: such a run stops itself
-after the step that spends the budget, and every epoch that started within the budget counts. The baseline is
-stopped from outside; its row counts the epochs that ended within the budget. It may be told to train on past it
-(`--baseline-run-on`), so that the speed-up to 75% has a measured time on both sides rather than a lower bound.
+Each budget (--budgets, by default the first config's `training.time_budget`) is a full run of each config with
+that `training.time_budget`, so its learning-rate schedule and progressive stages end with it: such a run stops
+itself after the step that spends the budget, and every epoch that started within the budget counts. The table has
+a row per config and budget. The baseline is stopped from outside, and one run of it serves every budget: its row
+at a budget counts the epochs that ended within it and scores the best of those. It may be told to train on past
+the largest budget (`--baseline-run-on`), so that the speed-up to 75% has a measured time on both sides rather than
+a lower bound.
+
+The figure to compare configs by is *held-out, both ways*: per seed, the mean of the picked checkpoint scored on the
+held-out half and the checkpoint the held-out half would pick scored on the picking half (every epoch is scored on
+both), so neither half's difficulty nor the luck of picking flatters it. The anytime figure (--figure, by default
+anytime.png in --work) plots each run's accuracy against minutes, a line per budget, with that figure at each
+budget's end. The bench prints the command that regenerates its table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -45,8 +53,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the project's own model report, for MACs
+from cnnlab.console import machine_summary  # noqa: E402
 from cnnlab.runs import RunDir  # noqa: E402  (reads no TensorFlow)
 
 SHARED = REPO.parent / "shared" / "data" / "cats_vs_dogs"
@@ -105,8 +116,12 @@ def config_budget(config_file: str) -> float:
     return resolve([config_file])["training"]["time_budget"] or 10.0
 
 
+def run_name(config_name: str, budget_min: float, seed: int) -> str:
+    return f"{config_name}-{budget_min:g}min-seed{seed}"
+
+
 def run_config(config_file: str, seed: int, folds: dict[str, Path], work: Path, budget_s: float) -> dict:
-    name = f"{Path(config_file).stem}-seed{seed}"
+    name = run_name(Path(config_file).stem, budget_s / 60, seed)
     data_root = folds[picking_half(seed)]
     # Every epoch's checkpoint is kept, so that each can be scored on the held-out half after the run.
     # The run's own time budget is the bench's, so its schedule ends with the budget (training.time_budget).
@@ -134,7 +149,7 @@ def run_config(config_file: str, seed: int, folds: dict[str, Path], work: Path, 
         # The best checkpoint is scored only when it was chosen within the budget (the run may go on past it).
         if best["val_accuracy"] >= max(float(r["val_accuracy"]) for r in rows):
             held_out = evaluate_held_out(run_dir)
-    return {"seed": seed, "picks_on": picking_half(seed), "history": history, "held_out": held_out}
+    return {"seed": seed, "run": name, "picks_on": picking_half(seed), "history": history, "held_out": held_out}
 
 
 def evaluate_held_out(run_dir: Path) -> float:
@@ -181,7 +196,7 @@ def add_held_out_curves(rows: dict[str, dict], work: Path) -> None:
     for name, row in rows.items():
         for run in row["runs"]:
             history = run["history"]
-            run_dir = work / "runs" / f"{name}-seed{run['seed']}"
+            run_dir = work / "runs" / run.get("run", f"{name}-seed{run['seed']}")
             if history and "held_out_accuracy" not in history[-1] and RunDir(run_dir).kept_epochs():
                 scores = score_epochs(run_dir, [h["epoch"] for h in history])
                 if len(scores) == len(history):
@@ -206,6 +221,17 @@ def both_ways_gap(history: list[dict]) -> float | None:
                   + (other["held_out_accuracy"] - other["val_accuracy"])) / 2
 
 
+def both_ways_held_out(history: list[dict]) -> float | None:
+    """A run's accuracy on photos that did not pick its checkpoint, both ways round: the mean of the checkpoint the
+    picking half chose scored on the held-out half, and the one the held-out half would choose scored on the picking
+    half (ties to the earliest epoch). None unless every epoch was scored on both halves."""
+    if not history or "held_out_accuracy" not in history[-1]:
+        return None
+    picked = max(history, key=lambda h: h["val_accuracy"])
+    other = max(history, key=lambda h: h["held_out_accuracy"])
+    return (picked["held_out_accuracy"] + other["val_accuracy"]) / 2
+
+
 def macs_of(model) -> int:
     """MACs per image of a Keras model, from the project's own model report."""
     from cnnlab.report import model_report, totals
@@ -227,7 +253,7 @@ def config_cost(config_file: str, data_root: Path) -> tuple[int, int]:
 # The tutorial baseline (run in a child process of this script: `--baseline-child`)
 
 
-def baseline_child(data_root: Path, seed: int, budget_s: float, run_on_s: float, out: Path) -> None:
+def baseline_child(data_root: Path, seed: int, budgets_min: list[float], run_on_s: float, out: Path) -> None:
     import keras
     from keras import layers
 
@@ -250,7 +276,8 @@ def baseline_child(data_root: Path, seed: int, budget_s: float, run_on_s: float,
     model = keras.Model(inputs, net(augmentation(inputs)))
     model.compile(loss="binary_crossentropy", optimizer="rmsprop", metrics=["accuracy"])
 
-    history, best = [], {"acc": -1.0, "weights": None}
+    # The best weights within each budget: one run of the baseline serves every row.
+    history, best = [], {b: {"acc": -1.0, "weights": None} for b in budgets_min}
 
     class Clock(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
@@ -265,31 +292,42 @@ def baseline_child(data_root: Path, seed: int, budget_s: float, run_on_s: float,
                             "val_accuracy": float(logs["val_accuracy"])})
             print(f"baseline epoch {epoch + 1}: {history[-1]['elapsed']:.0f} s, val_accuracy "
                   f"{logs['val_accuracy']:.4f}", flush=True)
-            if logs["val_accuracy"] > best["acc"] and now - self.start <= budget_s:
-                best.update(acc=logs["val_accuracy"], weights=self.model.get_weights())
+            for budget_min, kept in best.items():
+                if logs["val_accuracy"] > kept["acc"] and now - self.start <= budget_min * 60:
+                    kept.update(acc=logs["val_accuracy"], weights=self.model.get_weights())
             # Stop once the next epoch could not end inside the time it may run.
-            if now - self.start + history[-1]["epoch_seconds"] > max(budget_s, run_on_s):
+            if now - self.start + history[-1]["epoch_seconds"] > max(max(budgets_min) * 60, run_on_s):
                 self.model.stop_training = True
 
     model.fit(train_ds, validation_data=val_ds, epochs=1000, callbacks=[Clock()], verbose=0)
-    model.set_weights(best["weights"])
-    held_out = float(model.evaluate(test_ds, verbose=0, return_dict=True)["accuracy"])
+    held_out = {}
+    for budget_min, kept in best.items():
+        if kept["weights"] is not None:  # None: not even one epoch ended within this budget
+            model.set_weights(kept["weights"])
+            held_out[f"{budget_min:g}"] = float(model.evaluate(test_ds, verbose=0, return_dict=True)["accuracy"])
     out.write_text(json.dumps({"history": history, "held_out": held_out, "params": model.count_params(),
                                "macs": macs_of(net)}))
 
 
-def run_baseline(folds: dict[str, Path], seed: int, work: Path, budget_s: float, run_on_s: float) -> dict:
+def run_baseline(folds: dict[str, Path], seed: int, work: Path, budgets_min: list[float],
+                 run_on_s: float) -> dict[float, dict]:
+    """One run of the tutorial baseline for every budget: {budget in minutes: that budget's view of the run}."""
     out = work / f"baseline-seed{seed}.json"
     data_root = folds[picking_half(seed)]
     print(f"\n$ tutorial baseline (seed {seed})", flush=True)
     subprocess.run([sys.executable, __file__, "--baseline-child", "--data", str(data_root), "--seed", str(seed),
-                    "--budget", str(budget_s / 60), "--baseline-run-on", str(run_on_s / 60), "--work", str(out)],
-                   check=True, timeout=max(budget_s, run_on_s) + 300)
-    result = json.loads(out.read_text())
-    result["seed"], result["picks_on"] = seed, picking_half(seed)
-    result["run_on"] = result["history"]
-    result["history"] = [h for h in result["history"] if h["elapsed"] <= budget_s]
-    return result
+                    "--budgets", *map(str, budgets_min), "--baseline-run-on", str(run_on_s / 60), "--work", str(out)],
+                   check=True, timeout=max(max(budgets_min) * 60, run_on_s) + 300)
+    return baseline_views(json.loads(out.read_text()), seed, budgets_min)
+
+
+def baseline_views(result: dict, seed: int, budgets_min: list[float]) -> dict[float, dict]:
+    """Each budget's view of one baseline run: the epochs that ended within it, and the held-out score of the best
+    of those; `run_on` keeps the whole run (for the time to 75% past the budget)."""
+    return {b: {"seed": seed, "picks_on": picking_half(seed), "run_on": result["history"],
+                "history": [h for h in result["history"] if h["elapsed"] <= b * 60],
+                "held_out": result["held_out"].get(f"{b:g}"), "params": result["params"], "macs": result["macs"]}
+            for b in budgets_min}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -305,6 +343,8 @@ def summarise(runs: list[dict], num_train: int) -> dict:
 
     out = {"best": stat([max((h["val_accuracy"] for h in r["history"]), default=None) for r in runs]),
            "held_out": stat([r["held_out"] for r in runs]),
+           "both_ways": stat([both_ways_held_out(r["history"]) for r in runs]),
+           "stop": stat([r["history"][-1]["elapsed"] / 60 for r in runs if r["history"]]),
            "rate": stat([num_train / statistics.median(h["epoch_seconds"] for h in r["history"][1:] or r["history"])
                          for r in runs if r["history"]])}
     for t in THRESHOLDS:
@@ -321,30 +361,37 @@ def fmt_stat(s, percent=False, digits=1) -> str:
     return f"{mean * scale:.{digits}f}" + (f" ± {std * scale:.{digits}f}" if n > 1 else "")
 
 
-def print_table(rows: dict[str, dict], budget_min: float) -> None:
+def row_key(config_name: str, budget_min: float) -> str:
+    return f"{config_name} @ {budget_min:g} min"
+
+
+def print_table(rows: dict[str, dict]) -> None:
     cells = {}
     for name, r in rows.items():
         cells[name] = []
         for t in THRESHOLDS:
             stat, missed = r["summary"][t]
-            cell = fmt_stat(stat, digits=2) if stat else f"> {budget_min:g}"
+            cell = fmt_stat(stat, digits=2) if stat else f"> {r['budget']:g}"
             cells[name].append(cell + (f" ({missed} miss)" if stat and missed else ""))
     # A column widens for "mean ± std (n miss)" rather than push the cells after it out of line.
     widths = [max([13] + [len(c[i]) for c in cells.values()]) for i in range(len(THRESHOLDS))]
-    head = (f"{'model':<22} {'MACs':>7} {'params':>7} {'img/s':>9} {'best val %':>12} {'held-out %':>12}"
+    head = (f"{'model':<22} {'budget':>6} {'stops at':>11} {'MACs':>7} {'params':>7} {'img/s':>9} {'best val %':>12} "
+            f"{'held-out %':>12} {'both ways %':>12}"
             + "".join(f" {'min to ' + str(int(t * 100)) + '%':>{w}}" for t, w in zip(THRESHOLDS, widths)))
-    print(f"\nTime to accuracy within {budget_min:g} min of training (val = picking half; mean ± std over seeds)")
+    print("\nTime to accuracy (stops at = minutes of training when the run ended; val = the picking half; held-out = "
+          "the other half; both ways = the mean of picking on each half and scoring on the other; mean ± std over "
+          "seeds)")
     print(head)
     print("-" * len(head))
     for name, r in rows.items():
         s = r["summary"]
-        print(f"{name:<22} {r['macs'] / 1e6:>6.0f}M {r['params'] / 1e3:>6.0f}k {fmt_stat(s['rate'], digits=0):>9} "
-              f"{fmt_stat(s['best'], True):>12} {fmt_stat(s['held_out'], True):>12}"
-              + "".join(f" {c:>{w}}" for c, w in zip(cells[name], widths)))
+        print(f"{r['config']:<22} {r['budget']:>4g} m {fmt_stat(s['stop'], digits=2):>11} {r['macs'] / 1e6:>6.0f}M {r['params'] / 1e3:>6.0f}k "
+              f"{fmt_stat(s['rate'], digits=0):>9} {fmt_stat(s['best'], True):>12} {fmt_stat(s['held_out'], True):>12} "
+              f"{fmt_stat(s['both_ways'], True):>12}" + "".join(f" {c:>{w}}" for c, w in zip(cells[name], widths)))
 
 
 def print_gaps(rows: dict[str, dict]) -> None:
-    """Per config, how far the held-out half falls below the picking half's best epoch: by which half picked, and,
+    """Per row, how far the held-out half falls below the picking half's best epoch: by which half picked, and,
     where every epoch was scored on both halves, each seed both ways round (the figure to read)."""
     print("\nBest val minus held-out, points (seeds alternate the picking half; where each seed could be scored both"
           " ways round, that mean is the figure to read):")
@@ -357,14 +404,15 @@ def print_gaps(rows: dict[str, dict]) -> None:
         both = gaps["A"] + gaps["B"]
         if both:
             ways = ", ".join(f"picking on {k}: {' '.join(f'{g:.1f}' for g in v)}" for k, v in gaps.items() if v)
-            print(f"  {name:<22} mean {statistics.mean(both):.2f} over {len(both)} ({ways})")
+            print(f"  {name:<28} mean {statistics.mean(both):.2f} over {len(both)} ({ways})")
         each = [both_ways_gap(run["history"]) for run in r["runs"]]
         if each and None not in each:
-            print(f"  {'':<22} each seed both ways round: mean {statistics.mean(each):.2f} over {len(each)} "
+            print(f"  {'':<28} each seed both ways round: mean {statistics.mean(each):.2f} over {len(each)} "
                   f"(per seed: {' '.join(f'{g:.1f}' for g in each)})")
 
 
-def speedup_to(rows: dict[str, dict], threshold: float, name: str, baseline: str, budget_min: float) -> None:
+def speedup_to(rows: dict[str, dict], threshold: float, name: str, baseline: str) -> None:
+    budget_min = rows[name]["budget"]
     ours, theirs = rows[name]["summary"][threshold][0], rows[baseline]["summary"][threshold][0]
     if ours is None:
         return
@@ -381,28 +429,69 @@ def speedup_to(rows: dict[str, dict], threshold: float, name: str, baseline: str
               f"({ours[0]:.2f} vs {theirs[0]:.2f} min).")
 
 
+def plot_anytime(rows: dict[str, dict], path: Path, title: str) -> None:
+    """Accuracy against minutes, a panel per config: each run's val accuracy per epoch (the picking half), a colour
+    per budget, and at each budget's end the mean (± std over seeds) held-out-both-ways figure, or the held-out
+    figure where epochs were not scored both ways (the baseline)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = list(dict.fromkeys(r["config"] for r in rows.values()))
+    budgets = sorted({r["budget"] for r in rows.values()})
+    colours = dict(zip(budgets, plt.get_cmap("viridis")(np.linspace(0.0, 0.8, len(budgets)))))
+    fig, axes = plt.subplots(1, len(configs), figsize=(4.2 * len(configs), 3.6), sharey=True, squeeze=False)
+    for ax, config_name in zip(axes[0], configs):
+        for r in (r for r in rows.values() if r["config"] == config_name):
+            colour = colours[r["budget"]]
+            for run in r["runs"]:
+                ax.plot([h["elapsed"] / 60 for h in run["history"]], [100 * h["val_accuracy"] for h in run["history"]],
+                        color=colour, alpha=0.45, lw=1)
+            end = r["summary"]["both_ways"] or r["summary"]["held_out"]
+            if end:
+                ax.errorbar([r["budget"]], [100 * end[0]], yerr=[100 * end[1]], fmt="o", color=colour, capsize=3,
+                            label=f"{r['budget']:g} min: {100 * end[0]:.1f}%")
+        ax.set_title(config_name, fontsize=10)
+        ax.set_xlabel("minutes of training")
+        ax.set_xlim(0, 1.05 * max(budgets))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right", title="held out (dots)", title_fontsize=8)
+    axes[0][0].set_ylabel("accuracy, % (lines: val each epoch)")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"anytime figure: {path}")
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("configs", nargs="*", help="config files to train")
     parser.add_argument("--data", type=Path, default=SHARED, help="train/ + val/ photo folders (default: %(default)s)")
-    parser.add_argument("--budget", type=float, default=None,
-                        help="wall-clock training budget per run, minutes (default: the first config's "
-                             "training.time_budget, else 10)")
-    parser.add_argument("--seeds", type=int, default=1, help="runs per config (seeds F..F+N-1)")
+    parser.add_argument("--budgets", type=float, nargs="+", default=None, metavar="MINUTES",
+                        help="wall-clock training budgets, a full run of each config for each (default: the first "
+                             "config's training.time_budget, else 10)")
+    parser.add_argument("--seeds", type=int, default=1, help="runs per config and budget (seeds F..F+N-1)")
     parser.add_argument("--first-seed", type=int, default=0, help="F, the first seed (to add seeds to a result)")
     parser.add_argument("--baseline-seeds", type=int, default=1, help="runs of the tutorial baseline")
     parser.add_argument("--no-baseline", action="store_true", help="skip the tutorial baseline")
     parser.add_argument("--baseline-run-on", type=float, default=0.0,
-                        help="minutes the baseline may train in all, past --budget, to time its 75%% (its row counts --budget)")
+                        help="minutes the baseline may train in all, past the largest budget, to time its 75%% "
+                             "(its rows count their budgets)")
     parser.add_argument("--work", type=Path, default=None, help="folder for the runs (default: a temporary one)")
+    parser.add_argument("--figure", type=Path, default=None,
+                        help="where the anytime figure goes (default: anytime.png in --work)")
     parser.add_argument("--baseline-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.budget is None:
-        args.budget = config_budget(args.configs[0]) if args.configs else 10.0
-    budget_s = args.budget * 60
+    budgets = sorted(set(args.budgets or [config_budget(args.configs[0]) if args.configs else 10.0]))
+    if min(budgets) <= 0:
+        fail(f"--budgets: minutes must be positive. Received: {min(budgets):g}")
     if args.baseline_child:
-        return baseline_child(args.data, args.seed, budget_s, args.baseline_run_on * 60, args.work)
+        return baseline_child(args.data, args.seed, budgets, args.baseline_run_on * 60, args.work)
     if not args.data.is_dir():
         fail(f"--data {args.data} is not a folder (the photos: train/ and val/ with cats/ and dogs/)")
 
@@ -414,38 +503,45 @@ def main(argv: list[str] | None = None) -> None:
     results = work / "results.json"
     rows: dict[str, dict] = json.loads(results.read_text()) if results.exists() else {}
 
-    def add(name: str, runs: list[dict], macs: int, params: int) -> None:
-        kept = [r for r in rows.get(name, {}).get("runs", []) if r["seed"] not in {run["seed"] for run in runs}]
-        rows[name] = {"runs": sorted(kept + runs, key=lambda r: r["seed"]), "macs": macs, "params": params}
+    def add(config_name: str, budget_min: float, runs: list[dict], macs: int, params: int) -> None:
+        key = row_key(config_name, budget_min)
+        kept = [r for r in rows.get(key, {}).get("runs", []) if r["seed"] not in {run["seed"] for run in runs}]
+        rows[key] = {"config": config_name, "budget": budget_min, "runs": sorted(kept + runs, key=lambda r: r["seed"]),
+                     "macs": macs, "params": params}
+        results.write_text(json.dumps(rows, indent=1, default=str))
 
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
     for config_file in args.configs:
-        seeds = range(args.first_seed, args.first_seed + args.seeds)
-        runs = [run_config(config_file, seed, folds, work, budget_s) for seed in seeds]
-        add(Path(config_file).stem, runs, *config_cost(config_file, folds["A"]))
-        results.write_text(json.dumps(rows, indent=1, default=str))
+        cost = config_cost(config_file, folds["A"])
+        for budget in budgets:
+            add(Path(config_file).stem, budget, [run_config(config_file, seed, folds, work, budget * 60)
+                                                 for seed in seeds], *cost)
     if not args.no_baseline:
-        runs = [run_baseline(folds, seed, work, budget_s, args.baseline_run_on * 60)
-                for seed in range(args.baseline_seeds)]
-        add("tutorial baseline", runs, runs[0]["macs"], runs[0]["params"])
-        results.write_text(json.dumps(rows, indent=1, default=str))
+        views = [run_baseline(folds, seed, work, budgets, args.baseline_run_on * 60)
+                 for seed in range(args.baseline_seeds)]
+        for budget in budgets:
+            runs = [v[budget] for v in views]
+            add("tutorial baseline", budget, runs, runs[0]["macs"], runs[0]["params"])
     add_held_out_curves(rows, work)
     results.write_text(json.dumps(rows, indent=1, default=str))
-    if "tutorial baseline" in rows:  # the baseline row last, wherever it came from
-        rows["tutorial baseline"] = rows.pop("tutorial baseline")
-    for row in rows.values():  # derived from the runs, so never stored
-        row["summary"] = summarise(row["runs"], num_train)
+    # Rows by config (the baseline last), then budget; the summaries derive from the runs, so are never stored.
+    order = sorted(rows, key=lambda k: (rows[k]["config"] == "tutorial baseline", rows[k]["config"], rows[k]["budget"]))
+    rows = {k: {**rows[k], "summary": summarise(rows[k]["runs"], num_train)} for k in order}
 
     for name, r in rows.items():
         for run in r["runs"]:
             print(f"\n{name}, seed {run['seed']}: " + ", ".join(
                 f"{h['elapsed']:.0f}s {h['val_accuracy']:.3f}" for h in run["history"]))
-    print(f"\nMachine: {os.cpu_count()} CPU cores; {time.strftime('%Y-%m-%d')}; runs in {work}")
-    print_table(rows, args.budget)
+    machine = machine_summary()
+    print(f"\nMachine: {machine}; {time.strftime('%Y-%m-%d')}; runs in {work}")
+    print(f"Regenerate: python bench/time_to_accuracy.py {shlex.join(argv)}")
+    print_table(rows)
     print_gaps(rows)
-    if "tutorial baseline" in rows:
-        for name in rows:
-            if name != "tutorial baseline":
-                speedup_to(rows, 0.75, name, "tutorial baseline", args.budget)
+    for name, r in rows.items():
+        baseline = row_key("tutorial baseline", r["budget"])
+        if r["config"] != "tutorial baseline" and baseline in rows:
+            speedup_to(rows, 0.75, name, baseline)
+    plot_anytime(rows, args.figure or work / "anytime.png", f"{machine}, {time.strftime('%Y-%m-%d')}")
 
 
 if __name__ == "__main__":

@@ -70,6 +70,26 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+# The instruction sets that decide how fast TensorFlow trains and infers on a CPU: bfloat16 and int8 dot products.
+_CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_features(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
+    """Which of the CPU features that matter for training and inference speed this CPU has (from `cpuinfo`;
+    empty where it cannot be read), e.g. ['avx2', 'fma'] on an AMD EPYC of family 25."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return [name for name in _CPU_FEATURES if name in flags]
+
+
+def machine_summary() -> str:
+    """The line benchmarks print beside their figures, e.g. '2 cores, AMD EPYC (avx2 fma)'."""
+    return f"{os.cpu_count()} cores, {cpu_model()} ({' '.join(cpu_features()) or 'no AVX2'})"
+
+
 def describe_devices() -> str:
     """What TensorFlow computes on, in a few words: the GPUs by name, or the CPU and its core count."""
     import tensorflow as tf

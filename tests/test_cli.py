@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from cnnlab import config
+from cnnlab import config, console
 from cnnlab.cli import config_key_hint
 from cnnlab.training import train
 from tests.conftest import REPO, TF_NOISE, run_cli, run_cli_in_process
@@ -86,3 +86,11 @@ def test_held_native_stderr_holds_writes_to_descriptor_2_and_releases_them_on_re
     assert "held back" not in err and "shown after" in err and "shown because it failed" in err
     print("stderr still works", file=sys.stderr)
     assert "stderr still works" in capfd.readouterr().err
+
+
+def test_cpu_features_names_the_speed_relevant_flags_in_a_fixed_order(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some Xeon\n"
+                       "flags\t\t: fpu sse2 amx_int8 avx512f fma avx2 avx512_bf16 avx512fp16\n\nprocessor\t: 1\n")
+    assert console.cpu_features(str(cpuinfo)) == ["avx2", "fma", "avx512f", "avx512_bf16", "amx_int8"]
+    assert console.cpu_features(str(tmp_path / "missing")) == []

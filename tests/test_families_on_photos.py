@@ -44,7 +44,7 @@ def test_family_config_trains_on_the_photos_and_reloads_identically(family, phot
 
 def test_the_small_data_standard_first_layer_becomes_colour_blobs_and_edges_from_its_small_start(shared_data):
     # The config's first conv starts at std 0.001 so that what training adds outweighs the random start. 40 AdamW
-    # steps on photos, still in the warmup, turned 18 of its 32 kernels into colour blobs or oriented edges (31 after
+    # steps on photos, still in the warmup, turned 16 of its 32 kernels into colour blobs or oriented edges (31 after
     # the full 10 minutes); from he_normal (std 0.27) the same steps leave all 32 random (docs/filters.md). A third
     # of 32 separates the two with room for the seed.
     from cnnlab.cam import named_layers

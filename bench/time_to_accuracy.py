@@ -205,6 +205,14 @@ def add_held_out_curves(rows: dict[str, dict], work: Path) -> None:
                     RunDir(run_dir).drop_kept_epochs()
 
 
+def both_ways_picks(history: list[dict]) -> tuple[dict, dict] | None:
+    """The epoch the picking half chooses and the one the held-out half would choose (ties to the earliest epoch, as
+    train.py's best.keras), or None unless every epoch was scored on both halves."""
+    if not history or "held_out_accuracy" not in history[-1]:
+        return None
+    return (max(history, key=lambda h: h["val_accuracy"]), max(history, key=lambda h: h["held_out_accuracy"]))
+
+
 def both_ways_gap(history: list[dict]) -> float | None:
     """Points by which the best epoch flatters a run, picking on each half in turn and scoring on the other, averaged.
 
@@ -213,10 +221,9 @@ def both_ways_gap(history: list[dict]) -> float | None:
     halves exactly, seed by seed, and leaves what the gap is meant to show. Ties go to the earliest epoch, as in
     train.py's choice of best.keras.
     """
-    if not history or "held_out_accuracy" not in history[-1]:
+    if not (picks := both_ways_picks(history)):
         return None
-    picked = max(history, key=lambda h: h["val_accuracy"])
-    other = max(history, key=lambda h: h["held_out_accuracy"])
+    picked, other = picks
     return 100 * ((picked["val_accuracy"] - picked["held_out_accuracy"])
                   + (other["held_out_accuracy"] - other["val_accuracy"])) / 2
 
@@ -225,10 +232,9 @@ def both_ways_held_out(history: list[dict]) -> float | None:
     """A run's accuracy on photos that did not pick its checkpoint, both ways round: the mean of the checkpoint the
     picking half chose scored on the held-out half, and the one the held-out half would choose scored on the picking
     half (ties to the earliest epoch). None unless every epoch was scored on both halves."""
-    if not history or "held_out_accuracy" not in history[-1]:
+    if not (picks := both_ways_picks(history)):
         return None
-    picked = max(history, key=lambda h: h["val_accuracy"])
-    other = max(history, key=lambda h: h["held_out_accuracy"])
+    picked, other = picks
     return (picked["held_out_accuracy"] + other["val_accuracy"]) / 2
 
 

@@ -47,8 +47,7 @@ def test_the_small_data_standard_first_layer_becomes_colour_blobs_and_edges_from
     # steps on photos, still in the warmup, turned 16 of its 32 kernels into colour blobs or oriented edges (31 after
     # the full 10 minutes); from he_normal (std 0.27) the same steps leave all 32 random (docs/filters.md). A third
     # of 32 separates the two with room for the seed.
-    from cnnlab.cam import named_layers
-    from cnnlab.plots import kernel_structure
+    from cnnlab.plots import find_conv_layer, kernel_structure, layer_kernel
 
     keras.utils.set_random_seed(0)
     # 64x64: the net's five poolings need at least 64 pixels (32 after the stride-2 first conv)
@@ -58,10 +57,10 @@ def test_the_small_data_standard_first_layer_becomes_colour_blobs_and_edges_from
     data = build_datasets(cfg["data"], seed=0)
     model = build_model(cfg, data.num_classes)
     compile_model(model, cfg["training"], data.num_classes, data.steps_per_epoch)
-    conv = next(layer for _, layer in named_layers(model) if layer.name == "stage1_block1_conv")
+    conv = find_conv_layer(model, "stage1_block1_conv")
 
     def structured():
-        return sum(s.kind != "other" for s in kernel_structure(conv.get_weights()[0]))
+        return sum(s.kind != "other" for s in kernel_structure(layer_kernel(conv)))
 
     assert structured() <= 2  # random 3x3x3 kernels: 1.6% pass either test
     model.fit(data.train.take(20).repeat(2), epochs=1, verbose=0)

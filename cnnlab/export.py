@@ -137,7 +137,10 @@ def representative_images(cfg: dict, count: int) -> np.ndarray:
                         f"there; pass --set data.path=DIR. Received: {data['path']!r}")
     splits, _ = source_splits(data, cfg["run"]["seed"])
     ds, n = splits["train"]
-    images = [image.numpy() for image, _, _ in ds.shuffle(n, seed=cfg["run"]["seed"]).take(count)]
+    # On some AVX-512 CPUs oneDNN logs an "E0000 ... supports DT_UINT8 only on platforms with AVX-512" line for
+    # the pipeline's uint8 ops and falls back to its own kernels: a notice that reads as a failure, so it is held.
+    with console.held_native_stderr():
+        images = [image.numpy() for image, _, _ in ds.shuffle(n, seed=cfg["run"]["seed"]).take(count)]
     if not images:
         raise UserError("data: the run's training split holds no readable images to calibrate int8 on.")
     return np.stack(images)

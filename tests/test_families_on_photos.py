@@ -34,7 +34,7 @@ def test_family_config_trains_on_the_photos_and_reloads_identically(family, phot
     assert data.num_train == 2000 and data.class_names == ["cats", "dogs"]
     model = build_model(cfg, data.num_classes)
     compile_model(model, cfg["training"], data.num_classes, data.steps_per_epoch)
-    history = model.fit(data.train.take(STEPS), validation_data=data.val.take(2), epochs=1, verbose=0)
+    history = model.fit(data.train.take(STEPS), validation_data=data.val.take(2), epochs=1, shuffle=False, verbose=0)
     assert np.isfinite(history.history["loss"][0]) and 0 <= history.history["val_accuracy"][0] <= 1
     model.save(tmp_path / "model.keras")
     reloaded = keras.models.load_model(tmp_path / "model.keras")
@@ -63,5 +63,5 @@ def test_the_small_data_standard_first_layer_becomes_colour_blobs_and_edges_from
         return sum(s.kind != "other" for s in kernel_structure(layer_kernel(conv)))
 
     assert structured() <= 2  # random 3x3x3 kernels: 1.6% pass either test
-    model.fit(data.train.take(20).repeat(2), epochs=1, verbose=0)
+    model.fit(data.train.take(20).repeat(2), epochs=1, shuffle=False, verbose=0)
     assert structured() >= 11

@@ -180,7 +180,8 @@ def score_epochs(run_dir: Path, epochs: list[int]) -> dict[int, float]:
             continue
         # A progressive-resizing stage's model resizes the images to its own size first, as its val epochs did: a
         # new stage needs its own model; within a stage, only the weights change (a tenth of the time to load).
-        phase = next(i for i, p in enumerate(phases) if epoch <= p["end"])
+        # A run on a machine faster than the plan trains past its last planned epoch, all in the last stage.
+        phase = next((i for i, p in enumerate(phases) if epoch <= p["end"]), len(phases) - 1)
         if phase != model_phase:
             model, model_phase = load_checkpoint(path), phase
         else:
@@ -190,9 +191,10 @@ def score_epochs(run_dir: Path, epochs: list[int]) -> dict[int, float]:
     return scores
 
 
-def add_held_out_curves(rows: dict[str, dict], work: Path) -> None:
+def add_held_out_curves(rows: dict[str, dict], work: Path, save) -> None:
     """Adds `held_out_accuracy` to each epoch of the runs whose every epoch checkpoint was kept and not yet scored,
-    then deletes those checkpoints (a standard run's would take 0.5 GB; the figures are kept in results.json)."""
+    then deletes those checkpoints (a standard run's would take 0.5 GB; the figures are kept in results.json). Each
+    run's scores are saved (`save()`) before its checkpoints go, so a failure later loses nothing."""
     for name, row in rows.items():
         for run in row["runs"]:
             history = run["history"]
@@ -202,6 +204,7 @@ def add_held_out_curves(rows: dict[str, dict], work: Path) -> None:
                 if len(scores) == len(history):
                     for h in history:
                         h["held_out_accuracy"] = scores[h["epoch"]]
+                    save()
                     RunDir(run_dir).drop_kept_epochs()
 
 
@@ -493,6 +496,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--baseline-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    from cnnlab.console import start_tensorflow
+
+    start_tensorflow()  # TensorFlow's start-up notices held back, as the tools do
     budgets = sorted(set(args.budgets or [config_budget(args.configs[0]) if args.configs else 10.0]))
     if min(budgets) <= 0:
         fail(f"--budgets: minutes must be positive. Received: {min(budgets):g}")
@@ -528,8 +534,7 @@ def main(argv: list[str] | None = None) -> None:
         for budget in budgets:
             runs = [v[budget] for v in views]
             add("tutorial baseline", budget, runs, runs[0]["macs"], runs[0]["params"])
-    add_held_out_curves(rows, work)
-    results.write_text(json.dumps(rows, indent=1, default=str))
+    add_held_out_curves(rows, work, lambda: results.write_text(json.dumps(rows, indent=1, default=str)))
     # Rows by config (the baseline last), then budget; the summaries derive from the runs, so are never stored.
     order = sorted(rows, key=lambda k: (rows[k]["config"] == "tutorial baseline", rows[k]["config"], rows[k]["budget"]))
     rows = {k: {**rows[k], "summary": summarise(rows[k]["runs"], num_train)} for k in order}

@@ -133,7 +133,10 @@ def test_every_kept_epoch_is_scored_as_evaluate_py_scores_the_best_checkpoint(tm
                          out=str(tmp_path / f"eval{e}"))["accuracy"] for e in (1, 2, 3)]
     history = [{"epoch": e, "val_accuracy": 0.5} for e in (1, 2, 3)]
     rows = {"smoke": {"runs": [{"seed": 0, "history": history}]}}
-    time_to_accuracy.add_held_out_curves(rows, tmp_path)
+    saved = []  # what results.json would get before the checkpoints go
+    time_to_accuracy.add_held_out_curves(rows, tmp_path, lambda: saved.append(
+        [h.get("held_out_accuracy") for h in history] + [(run_dir / "checkpoints" / "epoch_001.keras").exists()]))
+    assert len(saved) == 1 and None not in saved[0] and saved[0][-1] is True
     scores = [h["held_out_accuracy"] for h in history]
     assert scores == pytest.approx(expected, abs=1e-9)
     # Once scored, the epoch checkpoints go; the run's own stay: initial, last, best and the files those two link to.

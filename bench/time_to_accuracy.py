@@ -167,25 +167,18 @@ def score_epochs(run_dir: Path, epochs: list[int]) -> dict[int, float]:
     from cnnlab.config import flip_tta
     from cnnlab.evaluation import predict_split
     from cnnlab.runs import load_checkpoint
-    from cnnlab.training import training_phases
 
     run = RunDir(run_dir)
     cfg = run.saved_config()
-    phases = training_phases(cfg)
     kept = run.kept_epochs()
-    scores, model, model_phase = {}, None, None
+    scores = {}
     for epoch in epochs:
         path = kept.get(epoch)
         if path is None:
             continue
-        # A progressive-resizing stage's model resizes the images to its own size first, as its val epochs did: a
-        # new stage needs its own model; within a stage, only the weights change (a tenth of the time to load).
-        # A run on a machine faster than the plan trains past its last planned epoch, all in the last stage.
-        phase = next((i for i, p in enumerate(phases) if epoch <= p["end"]), len(phases) - 1)
-        if phase != model_phase:
-            model, model_phase = load_checkpoint(path), phase
-        else:
-            model.load_weights(path)
+        # Each checkpoint is loaded whole: a progressive-resizing stage's model resizes the images to its own size
+        # first, as its val epochs did, and under a time budget the stage of an epoch follows the clock, not the plan.
+        model = load_checkpoint(path)
         preds, _ = predict_split(model, cfg, "test", flip_tta(cfg))
         scores[epoch] = float((preds.predicted == preds.labels).mean())
     return scores

@@ -295,6 +295,8 @@ RULES: dict[str, Callable] = {
     "augment.tta": _choice("none", "flip"),
     "augment.crop_scale": _range_pair(0, 1, nullable=True),
     "augment.crop_ratio": _range_pair(0, None, nullable=False),
+    "augment.test_crop_fraction": lambda v: None if v is None else _num_in(0, 1, low_open=True, high_open=False)(v)
+    and "a number in (0, 1], or null",
     "augment.mixup": _num_at_least(0),
     "augment.cutmix": _num_at_least(0),
     "augment.rotation": _num_in(0, 1),
@@ -451,6 +453,9 @@ def _check_cross_keys(cfg: dict, origins: dict) -> None:
         ih, iw = as_size(data["image_size"])
         if h > ih or w > iw:
             fail("augment.crop", f"augment.crop must fit inside data.image_size {[ih, iw]}. Received: {crop!r}")
+    elif cfg["augment"]["test_crop_fraction"] is not None:
+        fail("augment.test_crop_fraction", "augment.test_crop_fraction needs augment.crop (it sizes the crop at "
+             f"inference). Received: {cfg['augment']['test_crop_fraction']} with augment.crop null")
 
 
 def check_environment(cfg: dict) -> None:

@@ -20,7 +20,8 @@ def augmentation_layers(augment_cfg: dict, seed: int) -> list[layers.Layer]:
     out: list[layers.Layer] = []
     if augment_cfg["crop"] is not None:
         out.append(RandomResizedCrop(*as_size(augment_cfg["crop"]), scale=augment_cfg["crop_scale"],
-                                     ratio=augment_cfg["crop_ratio"], seed=seed, name="aug_crop"))
+                                     ratio=augment_cfg["crop_ratio"], seed=seed,
+                                     test_crop_fraction=augment_cfg["test_crop_fraction"], name="aug_crop"))
     if augment_cfg["flip"] != "none":
         out.append(layers.RandomFlip(augment_cfg["flip"], seed=seed, name="aug_flip"))
     if augment_cfg["rotation"]:

@@ -15,7 +15,7 @@ from keras import ops
 
 @keras.saving.register_keras_serializable(package="cnnlab")
 class RandomResizedCrop(keras.layers.Layer):
-    """A random box of each image, resized to `(height, width)`; the central `(height, width)` crop at inference.
+    """A random box of each image, resized to `(height, width)`; a central crop at inference.
 
     With `scale=None` the box is always `(height, width)` pixels at a random place (a plain random crop, no
     resampling). With `scale=(lo, hi)` the box covers a random fraction in `[lo, hi]` of the image's area with an
@@ -27,6 +27,10 @@ class RandomResizedCrop(keras.layers.Layer):
         scale: `(lo, hi)` fractions of the image area the box covers, or None for fixed-size crops.
         ratio: `(lo, hi)` range of the box's width / height aspect ratio (with `scale` only).
         seed: seed of the layer's random generator.
+        test_crop_fraction: at inference, the central box whose sides are this fraction of the image's, resized to
+            `(height, width)` (timm's `crop_pct`). Random boxes of `scale` show objects larger than the image does,
+            and a box below `height / image height` matches that at test time (FixRes, Touvron et al. 2019). None:
+            the central `(height, width)` pixels, unresampled.
 
     Example:
 
@@ -36,13 +40,17 @@ class RandomResizedCrop(keras.layers.Layer):
     """
 
     def __init__(self, height: int, width: int, scale=None, ratio=(3 / 4, 4 / 3), seed: int | None = None,
-                 **kwargs):
+                 test_crop_fraction: float | None = None, **kwargs):
         super().__init__(**kwargs)
         if scale is not None and not (0 < scale[0] <= scale[1] <= 1):
             raise ValueError(f"`scale` must be (lo, hi) with 0 < lo <= hi <= 1. Received: scale={scale!r}")
         if not (0 < ratio[0] <= ratio[1]):
             raise ValueError(f"`ratio` must be (lo, hi) with 0 < lo <= hi. Received: ratio={ratio!r}")
+        if test_crop_fraction is not None and not (0 < test_crop_fraction <= 1):
+            raise ValueError(f"`test_crop_fraction` must be in (0, 1] or None. "
+                             f"Received: test_crop_fraction={test_crop_fraction!r}")
         self.height, self.width = int(height), int(width)
+        self.test_crop_fraction = None if test_crop_fraction is None else float(test_crop_fraction)
         self.scale = None if scale is None else tuple(float(s) for s in scale)
         self.ratio = tuple(float(r) for r in ratio)
         self.seed = seed
@@ -53,9 +61,14 @@ class RandomResizedCrop(keras.layers.Layer):
         if in_h < self.height or in_w < self.width:
             raise ValueError(f"RandomResizedCrop: images must be at least {self.height}x{self.width}. "
                              f"Received: {in_h}x{in_w}")
-        if not training:
+        if not training and self.test_crop_fraction is None:
             top, left = (in_h - self.height) // 2, (in_w - self.width) // 2
             return images[:, top:top + self.height, left:left + self.width, :]
+        if not training:
+            box_h, box_w = self.test_crop_fraction * (in_h - 1), self.test_crop_fraction * (in_w - 1)
+            rows = (in_h - 1 - box_h) / 2 + box_h * ops.linspace(0.0, 1.0, self.height)
+            cols = (in_w - 1 - box_w) / 2 + box_w * ops.linspace(0.0, 1.0, self.width)
+            return self._resample(images, rows, cols, in_h, in_w)
         n = ops.shape(images)[0]
         uniform = lambda: keras.random.uniform((n,), seed=self.seed_generator)  # noqa: E731
         if self.scale is None:
@@ -74,11 +87,19 @@ class RandomResizedCrop(keras.layers.Layer):
             top, left = (in_h - 1 - box_h) * uniform(), (in_w - 1 - box_w) * uniform()
             rows = top[:, None] + box_h[:, None] * ops.linspace(0.0, 1.0, self.height)[None]
             cols = left[:, None] + box_w[:, None] * ops.linspace(0.0, 1.0, self.width)[None]
+        return self._resample(images, rows, cols, in_h, in_w)
+
+    def _resample(self, images, rows, cols, in_h: int, in_w: int):
+        """Bilinear samples of `images` at the grid `rows` x `cols` of pixel coordinates: (batch, height) and
+        (batch, width), one grid per image, or (height,) and (width,), one grid for all."""
         # Bilinear resampling is separable: out = Wr @ image @ Wc^T, with the tent weights max(0, 1 - |coord - pixel|).
         # Two small matmuls instead of a gather keep the layer backend-neutral and XLA-compilable.
-        weight_rows = ops.relu(1.0 - ops.abs(rows[:, :, None] - ops.arange(in_h, dtype="float32")[None, None]))
-        weight_cols = ops.relu(1.0 - ops.abs(cols[:, :, None] - ops.arange(in_w, dtype="float32")[None, None]))
-        crops = ops.einsum("bip,bpqc,bjq->bijc", weight_rows, ops.cast(images, "float32"), weight_cols)
+        weight_rows = ops.relu(1.0 - ops.abs(rows[..., None] - ops.arange(in_h, dtype="float32")))
+        weight_cols = ops.relu(1.0 - ops.abs(cols[..., None] - ops.arange(in_w, dtype="float32")))
+        if len(rows.shape) == 1:
+            crops = ops.einsum("ip,bpqc,jq->bijc", weight_rows, ops.cast(images, "float32"), weight_cols)
+        else:
+            crops = ops.einsum("bip,bpqc,bjq->bijc", weight_rows, ops.cast(images, "float32"), weight_cols)
         return ops.cast(crops, self.compute_dtype)
 
     def compute_output_shape(self, input_shape):
@@ -87,4 +108,4 @@ class RandomResizedCrop(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "height": self.height, "width": self.width,
                 "scale": None if self.scale is None else list(self.scale), "ratio": list(self.ratio),
-                "seed": self.seed}
+                "seed": self.seed, "test_crop_fraction": self.test_crop_fraction}

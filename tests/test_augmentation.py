@@ -195,3 +195,18 @@ def test_random_erasing_covers_the_configured_fraction_of_the_image():
     assert 0.3 <= (np.abs(half - x).max(axis=(1, 2, 3)) > 0).mean() <= 0.7  # erasing is the probability
     with pytest.raises(UserError, match=r"augment\.hue must be a number in \[0, 0\.5\]\. Received: 0\.7"):
         config.resolve([SMOKE], ["augment.hue=0.7"])
+
+
+def test_test_crop_fraction_resizes_the_central_box_at_inference_only():
+    x = np.random.default_rng(4).uniform(0, 255, (2, 40, 40, 3)).astype("float32")
+    layer = RandomResizedCrop(30, 30, scale=(0.35, 1.0), seed=0, test_crop_fraction=0.6)
+    margin = (1 - 0.6) / 2
+    expected = tf.image.crop_and_resize(x, [[margin, margin, 1 - margin, 1 - margin]] * 2, tf.range(2), (30, 30))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer(x)), expected.numpy(), atol=1e-2)
+    # The same box for every image, whatever the batch; training still draws a box per image.
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer(x[1:]))[0], expected.numpy()[1], atol=1e-2)
+    assert not np.allclose(keras.ops.convert_to_numpy(layer(x, training=True)), expected.numpy(), atol=1.0)
+    clone = RandomResizedCrop.from_config(layer.get_config())
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(clone(x)), expected.numpy(), atol=1e-2)
+    with pytest.raises(ValueError, match="Received: test_crop_fraction=1.2"):
+        RandomResizedCrop(4, 4, test_crop_fraction=1.2)

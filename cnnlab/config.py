@@ -181,10 +181,13 @@ def _num_at_least(low: float) -> Callable:
     return lambda v: None if _is_num(v) and v >= low else f"a number >= {low}"
 
 
-def _num_in(low: float, high: float, low_open=False, high_open=True) -> Callable:
+def _num_in(low: float, high: float, low_open=False, high_open=True, nullable=False) -> Callable:
     def rule(v):
+        if v is None and nullable:
+            return None
         ok = _is_num(v) and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
-        return None if ok else f"a number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        return None if ok else (f"a number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+                                + (", or null" if nullable else ""))
 
     return rule
 
@@ -295,8 +298,7 @@ RULES: dict[str, Callable] = {
     "augment.tta": _choice("none", "flip"),
     "augment.crop_scale": _range_pair(0, 1, nullable=True),
     "augment.crop_ratio": _range_pair(0, None, nullable=False),
-    "augment.test_crop_fraction": lambda v: None if v is None else _num_in(0, 1, low_open=True, high_open=False)(v)
-    and "a number in (0, 1], or null",
+    "augment.test_crop_fraction": _num_in(0, 1, low_open=True, high_open=False, nullable=True),
     "augment.mixup": _num_at_least(0),
     "augment.cutmix": _num_at_least(0),
     "augment.rotation": _num_in(0, 1),

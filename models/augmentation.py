@@ -61,10 +61,10 @@ class RandomResizedCrop(keras.layers.Layer):
         if in_h < self.height or in_w < self.width:
             raise ValueError(f"RandomResizedCrop: images must be at least {self.height}x{self.width}. "
                              f"Received: {in_h}x{in_w}")
-        if not training and self.test_crop_fraction is None:
-            top, left = (in_h - self.height) // 2, (in_w - self.width) // 2
-            return images[:, top:top + self.height, left:left + self.width, :]
         if not training:
+            if self.test_crop_fraction is None:
+                top, left = (in_h - self.height) // 2, (in_w - self.width) // 2
+                return images[:, top:top + self.height, left:left + self.width, :]
             box_h, box_w = self.test_crop_fraction * (in_h - 1), self.test_crop_fraction * (in_w - 1)
             rows = (in_h - 1 - box_h) / 2 + box_h * ops.linspace(0.0, 1.0, self.height)
             cols = (in_w - 1 - box_w) / 2 + box_w * ops.linspace(0.0, 1.0, self.width)

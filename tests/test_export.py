@@ -81,25 +81,18 @@ def test_every_format_gives_the_keras_models_probabilities(family, tmp_path):
 
 def test_an_enlarged_centre_crop_is_inside_the_export(tmp_path):
     from cnnlab.evaluation import predict_batch
+    from cnnlab.modeling import build_model
 
     crop = ["augment.crop=[24, 24]", "augment.crop_scale=[0.35, 1.0]"]
     model = tiny_model("standard", *crop, "augment.test_crop_fraction=0.6")
     x = images(6, seed=2)
     expected = predict_batch(model, x.astype(np.float32))
-    plain = build_like(model, crop)
+    plain = build_model(config.resolve([SMOKE], [*FAMILIES["standard"], *crop]), 2)
+    plain.set_weights(model.get_weights())
     assert np.abs(expected - predict_batch(plain, x.astype(np.float32))).max() > 1e-3  # the box changes them
     for fmt in ("tflite", "onnx"):
         exported = export_and_load(model, fmt, tmp_path / fmt)
         np.testing.assert_allclose(exported.predict_on_batch(x), expected, atol=1e-4, err_msg=fmt)
-
-
-def build_like(model, sets):
-    """A model of the smoke standard config with `sets`, holding `model`'s weights."""
-    from cnnlab.modeling import build_model
-
-    other = build_model(config.resolve([SMOKE], [*FAMILIES["standard"], *sets]), 2)
-    other.set_weights(model.get_weights())
-    return other
 
 
 def test_flip_averaging_is_inside_the_export_when_asked(tmp_path):

@@ -123,3 +123,69 @@ class EpochLine(keras.callbacks.Callback):
         metrics = " - ".join(f"{k}: {v:.4f}" for k, v in (logs or {}).items() if k != "learning_rate")
         print(f"Epoch {epoch + 1} ({self.clock() / 60:.1f} of {self.budget_s / 60:g} min, lr {lr:.2e}, "
               f"{time.perf_counter() - self._start:.0f}s): {metrics}", file=sys.stdout, flush=True)
+
+
+def epochs_held(plan: BudgetPlan, budget_s: float, epoch_s: float, scale: float = 1.0) -> float:
+    """How many of the plan's nominal epochs `budget_s` holds when an epoch at the full size takes `epoch_s` and
+    every network input is `scale` times the full size along each side (an epoch costs its pixels)."""
+    return plan.end * budget_s / (plan.total_cost * epoch_s * scale ** 2)
+
+
+def pick_size(own: int, sizes: list[int], min_epochs: float, held: Callable[[float], float]) -> int:
+    """The network input height to train at under a budget (`training.downsize`): the config's own height when the
+    budget holds `min_epochs` of the plan there, else the largest of `sizes` at which it does, else the smallest.
+
+    Args:
+        own: the config's own network input height (augment.crop, else data.image_size).
+        sizes: smaller heights to fall back to.
+        min_epochs: the fewest nominal epochs of the plan worth training at a size.
+        held: the epochs the budget holds at a scale (a height over `own`), e.g. from `epochs_held`.
+
+    Example:
+
+        >>> pick_size(144, [96, 112, 128], 24, lambda scale: 20 / scale ** 2)   # 20 epochs at 144, 31.9 at 112
+        112
+    """
+    for height in sorted({own, *sizes}, reverse=True):
+        if held(height / own) >= min_epochs:
+            return height
+    return min(sizes)
+
+
+def _own_size(cfg: dict) -> tuple[int, int]:
+    from cnnlab.config import as_size
+
+    crop = cfg["augment"]["crop"]
+    return as_size(crop if crop is not None else cfg["data"]["image_size"])
+
+
+def fallback_sizes(cfg: dict) -> list[int]:
+    """The sizes of `training.downsize` a budgeted run may fall back to: those below the config's own network input
+    height (a config whose crop was made smaller with --set has fewer), smallest first; [] without a budget."""
+    if not cfg["training"]["time_budget"]:
+        return []
+    return sorted(h for h in set(cfg["training"]["downsize"]["sizes"]) if h < _own_size(cfg)[0])
+
+
+def downsized(cfg: dict, height: int) -> dict:
+    """The config trained at network input `height` instead of its own: data.image_size, augment.crop and the
+    progressive stages all shrink by the same factor (so crops show the same view), widths in proportion, and
+    `training.downsize` is spent (its sizes emptied), so that a resumed run keeps the size this one chose."""
+    from cnnlab.config import as_size
+
+    crop = cfg["augment"]["crop"]
+    factor = height / _own_size(cfg)[0]
+
+    def scaled(size):
+        h, w = as_size(size)
+        return [round(h * factor), round(w * factor)]
+
+    training = cfg["training"]
+    return {
+        **cfg,
+        "data": {**cfg["data"], "image_size": scaled(cfg["data"]["image_size"])},
+        "augment": {**cfg["augment"], "crop": scaled(crop) if crop is not None else None},
+        "training": {**training, "downsize": {**training["downsize"], "sizes": []},
+                     "progressive": {**training["progressive"],
+                                     "sizes": [scaled(size) for size in training["progressive"]["sizes"]]}},
+    }

@@ -349,6 +349,9 @@ RULES: dict[str, Callable] = {
     "training.progressive.epochs": lambda v: None if (_is_int(v) and v >= 0) or (
         isinstance(v, list) and v and all(_is_int(e) and e >= 1 for e in v)) else (
         "a number of epochs >= 0, or a list of them (one per size, each >= 1)"),
+    "training.downsize.sizes": lambda v: None if isinstance(v, list) and all(_is_int(h) and h >= 8 for h in v) else (
+        "a list of network input heights, each an integer >= 8"),
+    "training.downsize.min_epochs": _int_at_least(1),
     "training.fine_tune.epochs": _int_at_least(0),
     "training.fine_tune.learning_rate": _positive_number,
     "training.fine_tune.unfreeze": lambda v: None if (_is_int(v) and v >= 0) or (isinstance(v, str) and v) else (

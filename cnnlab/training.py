@@ -13,9 +13,11 @@ import warnings
 from pathlib import Path
 
 import keras
+import numpy as np
+import tensorflow as tf
 
 from cnnlab import config as config_lib
-from cnnlab.budget import EpochLine, TimeBudget, plan_for
+from cnnlab.budget import EpochLine, TimeBudget, downsized, epochs_held, fallback_sizes, pick_size, plan_for
 from cnnlab.console import describe_devices
 from cnnlab.data import Datasets, build_datasets, class_names_at_hand
 from cnnlab.errors import TrainingError, UserError
@@ -158,7 +160,7 @@ class RunCheckpoint(keras.callbacks.Callback):
     the partial epoch uncommitted.
     """
 
-    def __init__(self, run: RunDir, state: dict, keep_every_epoch: bool = False):
+    def __init__(self, run: RunDir, state: dict, keep_every_epoch: bool = False, spent_before: float = 0.0):
         super().__init__()
         self.keep_every_epoch = keep_every_epoch
         self.stop_reason: str | None = None   # set when training stops early: "nan" or "interrupt"
@@ -167,7 +169,7 @@ class RunCheckpoint(keras.callbacks.Callback):
         self.run = run
         self.state = state                    # the committed state, updated in place as epochs are committed
         self._epoch_start = 0.0
-        self._elapsed_before = state["history"][-1]["elapsed_seconds"] if state["history"] else 0.0
+        self._elapsed_before = state["history"][-1]["elapsed_seconds"] if state["history"] else spent_before
         self._train_start: float | None = None
 
     def on_train_begin(self, logs=None):
@@ -400,6 +402,75 @@ def raise_stop(checkpoint: RunCheckpoint, run_dir: RunDir, cfg: dict) -> None:
                         f"checkpoints ({saved}) are in {run_dir.checkpoints_dir}.")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# A budget too short for the plan: smaller images (training.downsize)
+
+
+class _StepTimes(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.ends: list[float] = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.ends.append(time.perf_counter())
+
+
+def time_training_step(cfg: dict, data: Datasets, jit_compile: bool | str, steps: int = 3) -> float:
+    """Seconds of one training step of the config's model at its own size, on a batch of random images shaped like
+    `data.train`'s (a step's time does not depend on what the pixels show): the median of `steps` steps after the
+    one that traces and compiles. Call it under the run's strategy scope."""
+    images, labels = data.train.element_spec[:2]
+    batch = cfg["data"]["batch_size"]
+    x = tf.cast(tf.random.uniform([batch, *data.image_size, 3], 0, 255), images.dtype)
+    y = tf.zeros([batch, *labels.shape[1:]], labels.dtype)
+    model = build_model(cfg, data.num_classes)
+    compile_model(model, cfg["training"], data.num_classes, 1, jit_compile=jit_compile, budgeted=True)
+    batches = tf.data.Dataset.from_tensors((x, y)).repeat(steps + 1)
+    options = tf.data.Options()  # every worker steps through all of them, in step with the others
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    times = _StepTimes()
+    model.fit(batches.with_options(options), epochs=1, verbose=0, callbacks=[times], shuffle=False)
+    return float(np.median(np.diff(times.ends)))
+
+
+def fit_size_to_budget(cfg: dict, data: Datasets, dist, budget_s: float) -> tuple[dict, float]:
+    """Applies `training.downsize`: times a training step at the config's own size, then returns the config at the
+    size the budget holds `min_epochs` of the plan at (`cnnlab.budget.pick_size`) and the seconds the timing took,
+    which count towards the budget."""
+    start = time.perf_counter()
+    jit_compile = resolve_jit(cfg["runtime"]["jit_compile"])
+    with dist.strategy.scope():
+        step_s = dist.agreed(time_training_step(cfg, data, jit_compile))
+    spent = time.perf_counter() - start
+    own = model_input_size(cfg)[0]
+    phases = training_phases(cfg)
+    plan = plan_for(phases, model_input_size(cfg), lambda phase: model_input_size(cfg) if phase["size"] is None
+                    else config_lib.as_size(phase["size"]))
+    downsize = cfg["training"]["downsize"]
+
+    def held(scale: float) -> float:
+        return epochs_held(plan, budget_s - spent, step_s * data.steps_per_epoch, scale)
+
+    sizes = fallback_sizes(cfg)
+    height = pick_size(own, sizes, downsize["min_epochs"], held)
+    fits = ", ".join(f"{h}: {held(h / own):.0f}" for h in [own, *reversed(sizes)])
+    print(f"Time budget: a training step at {own} pixels takes {step_s:.2f} s, so the budget holds this many of the "
+          f"plan's {plan.end:g} epochs at each size: {fits} (training.downsize.min_epochs {downsize['min_epochs']}); "
+          f"training at {height}.", flush=True)
+    if height == own:
+        return {**cfg, "training": {**cfg["training"], "downsize": {**downsize, "sizes": []}}}, spent
+    return downsized(cfg, height), spent
+
+
+def with_size_of(cfg: dict, saved: dict) -> dict:
+    """`cfg` at the sizes a run's saved config chose (`fit_size_to_budget` spent its training.downsize)."""
+    training = {**cfg["training"], "downsize": saved["training"]["downsize"],
+                "progressive": {**cfg["training"]["progressive"],
+                                "sizes": saved["training"]["progressive"]["sizes"]}}
+    return {**cfg, "training": training, "data": {**cfg["data"], "image_size": saved["data"]["image_size"]},
+            "augment": {**cfg["augment"], "crop": saved["augment"]["crop"]}}
+
+
 def train(cfg: dict, config_files: list[str], *, resume: str | bool | None = None, overwrite: bool = False,
           dry_run: bool = False) -> Path | None:
     """Trains the model a resolved config describes and returns its run directory.
@@ -424,6 +495,14 @@ def train(cfg: dict, config_files: list[str], *, resume: str | bool | None = Non
         with dist.strategy.scope():
             print(describe(cfg))
         return None
+    probe_s = 0.0
+    if fallback_sizes(cfg):
+        if resume:
+            # The size this run chose when it started, not one timed again now: its checkpoints are at that size.
+            cfg = with_size_of(cfg, RunDir.for_resume(resume, cfg).config())
+        else:
+            data = build_datasets(cfg["data"], seed=cfg["run"]["seed"], augment_cfg=cfg["augment"])
+            cfg, probe_s = fit_size_to_budget(cfg, data, dist, cfg["training"]["time_budget"] * 60)
     data = build_datasets(cfg["data"], seed=cfg["run"]["seed"], augment_cfg=cfg["augment"])
 
     aside = None  # with --overwrite, the old run until the new one has committed an epoch
@@ -448,7 +527,7 @@ def train(cfg: dict, config_files: list[str], *, resume: str | bool | None = Non
         out = run if dist.is_chief else RunDir(tempfile.mkdtemp(prefix="cnnlab-worker-"))
         try:
             with dist.strategy.scope():
-                return _train_in(cfg, data, run, out, state, dist)
+                return _train_in(cfg, data, run, out, state, dist, probe_s)
         finally:
             if dist.is_chief:
                 run.settle_replaced(aside)
@@ -456,8 +535,9 @@ def train(cfg: dict, config_files: list[str], *, resume: str | bool | None = Non
                 shutil.rmtree(out.path, ignore_errors=True)
 
 
-def _train_in(cfg: dict, data: Datasets, run: RunDir, out: RunDir, state: dict, dist) -> Path:
-    """The body of `train`, under the strategy's scope; files go to `out` (the run itself on the chief)."""
+def _train_in(cfg: dict, data: Datasets, run: RunDir, out: RunDir, state: dict, dist, probe_s: float) -> Path:
+    """The body of `train`, under the strategy's scope; files go to `out` (the run itself on the chief). `probe_s`:
+    seconds of the budget already spent timing steps (`fit_size_to_budget`)."""
     out.checkpoints_dir.mkdir(parents=True, exist_ok=True)
     out.write_config(cfg)
     report_left_out(data, out)
@@ -477,7 +557,8 @@ def _train_in(cfg: dict, data: Datasets, run: RunDir, out: RunDir, state: dict, 
 
     state["data"] = {"class_names": data.class_names, "num_train": data.num_train, "num_val": data.num_val,
                      "params": int(model.count_params())}
-    checkpoint = RunCheckpoint(out, state, keep_every_epoch=cfg["run"]["keep_every_epoch"])
+    checkpoint = RunCheckpoint(out, state, keep_every_epoch=cfg["run"]["keep_every_epoch"],
+                               spent_before=0.0 if state["history"] else probe_s)
     callbacks = [
         keras.callbacks.TensorBoard(
             log_dir=str(out.logs_dir), histogram_freq=1 if cfg["runtime"]["log_histograms"] else 0,

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from cnnlab import config
-from cnnlab.budget import BudgetPlan, plan_for
+from cnnlab.budget import BudgetPlan, downsized, epochs_held, pick_size, plan_for
 from cnnlab.modeling import model_input_size
+from cnnlab.runs import RunDir
 from cnnlab.training import lr_schedule, train, training_phases
 from tests.conftest import REPO
 
@@ -79,3 +80,75 @@ def test_the_budgeted_learning_rate_is_the_epoch_schedule_at_the_plan_position()
     assert timer.learning_rate() == pytest.approx(cfg["training"]["learning_rate"] / 2, rel=1e-5)
     seconds[0] = 60.0
     assert timer.learning_rate() == pytest.approx(0.0, abs=1e-9)
+
+
+def test_the_epochs_a_budget_holds_shrink_with_the_pixels_of_an_epoch():
+    plan = BudgetPlan([(6, 0.5), (10, 1.0)])  # 6 epochs at half the pixels, then 4 at full size: 7 units of cost
+    assert epochs_held(plan, budget_s=70.0, epoch_s=10.0) == pytest.approx(10)  # exactly the plan
+    assert epochs_held(plan, budget_s=35.0, epoch_s=10.0) == pytest.approx(5)
+    # At 3/4 of the size along each side an epoch costs 9/16 of the pixels, so the budget holds 16/9 as many.
+    assert epochs_held(plan, budget_s=35.0, epoch_s=10.0, scale=0.75) == pytest.approx(5 * 16 / 9)
+
+
+def test_the_size_picked_is_the_largest_that_holds_the_fewest_epochs_worth_training():
+    def held(at_full):  # a budget that holds `at_full` epochs at 144 pixels, more at smaller sizes
+        return lambda scale: at_full / scale ** 2
+
+    sizes = [96, 112, 128]
+    assert pick_size(144, sizes, 24, held(30)) == 144         # the config's own size holds enough
+    assert pick_size(144, sizes, 24, held(20)) == 128         # 25.3 epochs at 128
+    assert pick_size(144, sizes, 24, held(16)) == 112         # 20.3 at 128, 26.4 at 112
+    assert pick_size(144, sizes, 24, held(5)) == 96           # none holds 24: the smallest
+    assert pick_size(144, [128, 96], 24, held(11)) == 96      # the list's order does not matter (24.75 at 96)
+
+
+def test_downsizing_shrinks_the_images_the_crops_and_the_stages_by_one_factor():
+    cfg = config.resolve([str(REPO / "configs/small_data/standard.yaml")],
+                         ["training.downsize.sizes=[96, 112]", "training.downsize.min_epochs=20"])
+    small = downsized(cfg, 112)
+    factor = 112 / 144
+    assert small["augment"]["crop"] == [112, 112]
+    assert small["data"]["image_size"] == [round(160 * factor)] * 2  # 124: a crop shows the same share of the image
+    assert small["training"]["progressive"]["sizes"] == [[round(s * factor)] * 2 for s in (96, 112, 128)]
+    assert small["training"]["downsize"]["sizes"] == []  # spent: a resumed run keeps this size
+    assert cfg["augment"]["crop"] == [144, 144]  # the config it came from is untouched
+    config.resolve([], [], base=small)  # and the result is a valid config
+
+
+def test_a_budget_too_short_for_the_plan_trains_and_saves_the_run_at_a_smaller_size(tmp_path, capsys):
+    # min_epochs far above what 6 seconds hold at any size: the run falls back to its smallest size, 16 pixels.
+    cfg = config.resolve([SMOKE], [f"run.dir={tmp_path}", "run.name=d", "training.time_budget=0.1",
+                                   "training.downsize.sizes=[16, 24]", "training.downsize.min_epochs=1000",
+                                   "data.synthetic_size=256", "runtime.log_histograms=false"])
+    train(cfg, [SMOKE])
+    out = capsys.readouterr().out
+    assert "training at 16." in out
+    run = RunDir(tmp_path / "d")
+    saved = run.config()
+    assert saved["data"]["image_size"] == [16, 16] and saved["training"]["downsize"]["sizes"] == []
+    model = run.load("last", what="test")
+    assert tuple(model.input_shape[1:3]) == (16, 16)
+    # The timing steps count towards the budget: the first epoch's clock starts after them.
+    history = run.history()
+    assert history[0]["elapsed_seconds"] > history[0]["epoch_seconds"]
+
+    # Resumed from its config files, the run keeps the size it chose rather than timing steps again.
+    train(cfg, [SMOKE], resume=True)
+    assert "a training step at" not in capsys.readouterr().out
+    assert run.config()["data"]["image_size"] == [16, 16]
+
+    # A budget that holds the plan at the config's own size keeps it (min_epochs 1).
+    cfg = config.resolve([SMOKE], [f"run.dir={tmp_path}", "run.name=own", "training.time_budget=0.1",
+                                   "training.downsize.sizes=[16, 24]", "data.synthetic_size=256",
+                                   "runtime.log_histograms=false"])
+    train(cfg, [SMOKE])
+    assert "training at 32." in capsys.readouterr().out
+    assert RunDir(tmp_path / "own").config()["data"]["image_size"] == [32, 32]
+
+    # Without a budget there is nothing to fit: no timed steps, the config's own size.
+    cfg = config.resolve([SMOKE], [f"run.dir={tmp_path}", "run.name=none", "training.epochs=1",
+                                   "training.downsize.sizes=[16, 24]", "training.downsize.min_epochs=1000",
+                                   "data.synthetic_size=64", "runtime.log_histograms=false"])
+    train(cfg, [SMOKE])
+    assert "a training step at" not in capsys.readouterr().out
+    assert RunDir(tmp_path / "none").config()["data"]["image_size"] == [32, 32]

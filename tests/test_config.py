@@ -70,6 +70,9 @@ def test_experiment_files_state_only_what_differs_from_the_defaults():
         ("augment.test_crop_fraction=1.5", ["augment.test_crop_fraction must be a number in (0, 1], or null",
                                             "Received: 1.5"]),
         ("augment.test_crop_fraction=0.8", ["augment.test_crop_fraction needs augment.crop", "Received: 0.8"]),
+        ("training.downsize.sizes=[4]", ["training.downsize.sizes must be a list of network input heights, each an "
+                                         "integer >= 8", "Received: [4]"]),
+        ("training.downsize.min_epochs=0", ["training.downsize.min_epochs must be an integer >= 1", "Received: 0"]),
         ("augment.tta=crops", ["augment.tta must be one of 'none', 'flip'", "Received: 'crops'"]),
         ("model.standard.kernel_initializer=bogus", ["model.standard.kernel_initializer must be a Keras initializer",
                                                      "Received: 'bogus'"]),

@@ -415,7 +415,7 @@ class _StepTimes(keras.callbacks.Callback):
         self.ends.append(time.perf_counter())
 
 
-def time_training_step(cfg: dict, data: Datasets, jit_compile: bool | str, steps: int = 3) -> float:
+def time_training_step(cfg: dict, data: Datasets, jit_compile: bool | str, steps: int = 6) -> float:
     """Seconds of one training step of the config's model at its own size, on a batch of random images shaped like
     `data.train`'s (a step's time does not depend on what the pixels show): the median of `steps` steps after the
     one that traces and compiles. Call it under the run's strategy scope."""
@@ -440,8 +440,8 @@ def fit_size_to_budget(cfg: dict, data: Datasets, dist, budget_s: float) -> tupl
     start = time.perf_counter()
     jit_compile = resolve_jit(cfg["runtime"]["jit_compile"])
     with dist.strategy.scope():
-        step_s = dist.agreed(time_training_step(cfg, data, jit_compile))
-    spent = time.perf_counter() - start
+        step_s = time_training_step(cfg, data, jit_compile)
+    step_s, spent = dist.agreed([step_s, time.perf_counter() - start])
     own = model_input_size(cfg)[0]
     phases = training_phases(cfg)
     plan = plan_for(phases, model_input_size(cfg), lambda phase: model_input_size(cfg) if phase["size"] is None

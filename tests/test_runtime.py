@@ -73,17 +73,17 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-def test_two_local_workers_train_an_epoch_and_only_the_chief_writes(tmp_path):
+def two_local_workers(tmp_path: Path, name: str, *extra: str) -> list[str]:
+    """Runs train.py as the two workers of a local cluster (MultiWorkerMirroredStrategy) and returns their stdouts."""
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     worker_tmp = tmp_path / "worker_tmp"
-    worker_tmp.mkdir()
+    worker_tmp.mkdir(exist_ok=True)
     procs = []
     for index in range(2):
         env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
                "TMPDIR": str(worker_tmp)}
-        procs.append(subprocess.Popen([sys.executable, "train.py", *small_args(tmp_path / "runs", "mw", "--set",
-                                                                            "augment.tta=flip")],
+        procs.append(subprocess.Popen([sys.executable, "train.py", *small_args(tmp_path / "runs", name, *extra)],
                                       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = []
     try:
@@ -96,11 +96,28 @@ def test_two_local_workers_train_an_epoch_and_only_the_chief_writes(tmp_path):
     for p, (out, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
         assert "multi_worker" in out and "2 replicas" in out
+    assert not [p for p in worker_tmp.iterdir() if p.name.startswith("cnnlab-worker-")]  # the workers cleaned up
+    return [out for out, _ in outputs]
+
+
+def test_two_local_workers_train_an_epoch_and_only_the_chief_writes(tmp_path):
+    two_local_workers(tmp_path, "mw", "--set", "augment.tta=flip")
     assert [d.name for d in (tmp_path / "runs").iterdir()] == ["mw"]
     run_dir = tmp_path / "runs" / "mw"
     assert [int(r["epoch"]) for r in history(run_dir)] == [1]
     keras.models.load_model(run_dir / "checkpoints" / "best.keras")
-    assert not [p for p in worker_tmp.iterdir() if p.name.startswith("cnnlab-worker-")]  # the worker cleaned up
+
+
+def test_two_local_workers_agree_on_the_size_a_budget_holds(tmp_path):
+    # Each worker times its own steps; the size must be one decision, or their models would differ.
+    outs = two_local_workers(tmp_path, "mwd", "--set", "training.time_budget=0.1", "--set",
+                             "training.downsize.sizes=[16, 24]", "--set", "training.downsize.min_epochs=4")
+    timings = [next(line for line in out.splitlines() if "a training step at 32 pixels takes" in line) for out in outs]
+    assert timings[0] == timings[1]
+    chosen = int(timings[0].rsplit("training at ", 1)[1].rstrip("."))
+    run_dir = tmp_path / "runs" / "mwd"
+    assert config.resolve([str(run_dir / "config.yaml")])["data"]["image_size"] == [chosen, chosen]
+    assert history(run_dir)
 
 
 def test_mixed_bfloat16_trains_with_float32_outputs(tmp_path):

@@ -56,6 +56,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
+BASELINE_SIZE = 180  # the tutorial's image size
 sys.path.insert(0, str(REPO))  # the project's own model report, for MACs
 from cnnlab.console import machine_summary  # noqa: E402
 from cnnlab.runs import RunDir  # noqa: E402  (reads no TensorFlow)
@@ -149,7 +150,30 @@ def run_config(config_file: str, seed: int, folds: dict[str, Path], work: Path, 
         # The best checkpoint is scored only when it was chosen within the budget (the run may go on past it).
         if best["val_accuracy"] >= max(float(r["val_accuracy"]) for r in rows):
             held_out = evaluate_held_out(run_dir)
-    return {"seed": seed, "run": name, "picks_on": picking_half(seed), "history": history, "held_out": held_out}
+    return {"seed": seed, "run": name, "picks_on": picking_half(seed), "history": history, "held_out": held_out,
+            "size": trained_size(run_dir)}
+
+
+def trained_size(run_dir: Path) -> int | None:
+    """The network input height a run trained at, from its saved config: under `training.downsize` the budget
+    chooses it (None when the run saved no config)."""
+    from cnnlab.config import as_size
+
+    if not (run_dir / RunDir.CONFIG).is_file():
+        return None
+    cfg = RunDir(run_dir).saved_config()
+    return as_size(cfg["augment"]["crop"] or cfg["data"]["image_size"])[0]
+
+
+def row_cost(config_file: str, runs: list[dict], work: Path, data_root: Path) -> tuple[int, int]:
+    """(MACs per image, parameters) of a row: of the model its runs trained, at the size most of them trained at
+    (it follows the budget under `training.downsize`), else of the config as written."""
+    sizes = [r["size"] for r in runs if r.get("size")]
+    if not sizes:
+        return config_cost(config_file, data_root)
+    common = max(set(sizes), key=sizes.count)
+    run = next(r for r in runs if r.get("size") == common)
+    return config_cost(str(work / "runs" / run["run"] / RunDir.CONFIG), data_root)
 
 
 def evaluate_held_out(run_dir: Path) -> float:
@@ -260,13 +284,13 @@ def baseline_child(data_root: Path, seed: int, budgets_min: list[float], run_on_
     from keras import layers
 
     keras.utils.set_random_seed(seed)
-    kwargs = dict(image_size=(180, 180), batch_size=32, label_mode="binary", verbose=False)
+    kwargs = dict(image_size=(BASELINE_SIZE, BASELINE_SIZE), batch_size=32, label_mode="binary", verbose=False)
     train_ds = keras.utils.image_dataset_from_directory(data_root / "train", seed=seed, **kwargs)
     val_ds = keras.utils.image_dataset_from_directory(data_root / "val", shuffle=False, **kwargs)
     test_ds = keras.utils.image_dataset_from_directory(data_root / "test", shuffle=False, **kwargs)
     augmentation = keras.Sequential([layers.RandomFlip("horizontal"), layers.RandomRotation(0.1),
                                      layers.RandomZoom(0.2)])
-    net_in = keras.Input(shape=(180, 180, 3))
+    net_in = keras.Input(shape=(BASELINE_SIZE, BASELINE_SIZE, 3))
     x = layers.Rescaling(1.0 / 255)(net_in)
     for filters in (32, 64, 128, 256):
         x = layers.Conv2D(filters, 3, activation="relu")(x)
@@ -274,7 +298,7 @@ def baseline_child(data_root: Path, seed: int, budgets_min: list[float], run_on_
     x = layers.Conv2D(256, 3, activation="relu")(x)
     x = layers.Dropout(0.5)(layers.Flatten()(x))
     net = keras.Model(net_in, layers.Dense(1, activation="sigmoid")(x))
-    inputs = keras.Input(shape=(180, 180, 3))
+    inputs = keras.Input(shape=(BASELINE_SIZE, BASELINE_SIZE, 3))
     model = keras.Model(inputs, net(augmentation(inputs)))
     model.compile(loss="binary_crossentropy", optimizer="rmsprop", metrics=["accuracy"])
 
@@ -328,7 +352,8 @@ def baseline_views(result: dict, seed: int, budgets_min: list[float]) -> dict[fl
     of those; `run_on` keeps the whole run (for the time to 75% past the budget)."""
     return {b: {"seed": seed, "picks_on": picking_half(seed), "run_on": result["history"],
                 "history": [h for h in result["history"] if h["elapsed"] <= b * 60],
-                "held_out": result["held_out"].get(f"{b:g}"), "params": result["params"], "macs": result["macs"]}
+                "held_out": result["held_out"].get(f"{b:g}"), "params": result["params"], "macs": result["macs"],
+                "size": BASELINE_SIZE}
             for b in budgets_min}
 
 
@@ -377,17 +402,19 @@ def print_table(rows: dict[str, dict]) -> None:
             cells[name].append(cell + (f" ({missed} miss)" if stat and missed else ""))
     # A column widens for "mean ± std (n miss)" rather than push the cells after it out of line.
     widths = [max([13] + [len(c[i]) for c in cells.values()]) for i in range(len(THRESHOLDS))]
-    head = (f"{'model':<22} {'budget':>6} {'stops at':>11} {'MACs':>7} {'params':>7} {'img/s':>9} {'best val %':>12} "
+    head = (f"{'model':<22} {'budget':>6} {'stops at':>11} {'px':>7} {'MACs':>7} {'params':>7} {'img/s':>9} {'best val %':>12} "
             f"{'held-out %':>12} {'both ways %':>12}"
             + "".join(f" {'min to ' + str(int(t * 100)) + '%':>{w}}" for t, w in zip(THRESHOLDS, widths)))
-    print("\nTime to accuracy (stops at = minutes of training when the run ended; val = the picking half; held-out = "
+    print("\nTime to accuracy (stops at = minutes of training when the run ended; px = the network input the runs "
+          "trained at; val = the picking half; held-out = "
           "the other half; both ways = the mean of picking on each half and scoring on the other; mean ± std over "
           "seeds)")
     print(head)
     print("-" * len(head))
     for name, r in rows.items():
         s = r["summary"]
-        print(f"{r['config']:<22} {r['budget']:>4g} m {fmt_stat(s['stop'], digits=2):>11} {r['macs'] / 1e6:>6.0f}M {r['params'] / 1e3:>6.0f}k "
+        sizes = "/".join(str(size) for size in sorted({run["size"] for run in r["runs"] if run.get("size")})) or "-"
+        print(f"{r['config']:<22} {r['budget']:>4g} m {fmt_stat(s['stop'], digits=2):>11} {sizes:>7} {r['macs'] / 1e6:>6.0f}M {r['params'] / 1e3:>6.0f}k "
               f"{fmt_stat(s['rate'], digits=0):>9} {fmt_stat(s['best'], True):>12} {fmt_stat(s['held_out'], True):>12} "
               f"{fmt_stat(s['both_ways'], True):>12}" + "".join(f" {c:>{w}}" for c, w in zip(cells[name], widths)))
 
@@ -517,10 +544,9 @@ def main(argv: list[str] | None = None) -> None:
 
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     for config_file in args.configs:
-        cost = config_cost(config_file, folds["A"])
         for budget in budgets:
-            add(Path(config_file).stem, budget, [run_config(config_file, seed, folds, work, budget * 60)
-                                                 for seed in seeds], *cost)
+            runs = [run_config(config_file, seed, folds, work, budget * 60) for seed in seeds]
+            add(Path(config_file).stem, budget, runs, *row_cost(config_file, runs, work, folds["A"]))
     if not args.no_baseline:
         views = [run_baseline(folds, seed, work, budgets, args.baseline_run_on * 60)
                  for seed in range(args.baseline_seeds)]

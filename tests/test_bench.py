@@ -104,6 +104,7 @@ def test_the_table_and_the_anytime_figure_have_a_row_and_a_line_per_config_and_b
     rows = {"tiny @ 5 min": row("tiny", 5, [0.80, 0.90, 0.85], [0.82, 0.84, 0.88]),
             "tiny @ 2 min": row("tiny", 2, [0.70, 0.78], [0.74, 0.72]),
             "wide @ 2 min": row("wide", 2, [0.60, 0.66], [0.64, 0.62])}
+    rows["tiny @ 5 min"]["runs"][0]["size"] = 24  # as a run downsized by its budget records it
     (work / "results.json").write_text(json.dumps(rows))
     figure = tmp_path / "anytime.png"
     time_to_accuracy.main(["--data", str(data), "--work", str(work), "--no-baseline", "--budgets", "2", "5",
@@ -113,8 +114,9 @@ def test_the_table_and_the_anytime_figure_have_a_row_and_a_line_per_config_and_b
     # By config, then budget. Held out, both ways: at 2 min val picks epoch 2 (0.72 held out) and the held-out half
     # epoch 1 (0.70 on val): 71.0; at 5 min (0.84 + 0.85) / 2.
     assert [line.split()[:2] for line in table] == [["tiny", "2"], ["tiny", "5"], ["wide", "2"]]
-    assert table[0].split()[8:10] == ["72.0", "71.0"] and table[1].split()[8:10] == ["84.0", "84.5"]
+    assert table[0].split()[9:11] == ["72.0", "71.0"] and table[1].split()[9:11] == ["84.0", "84.5"]
     assert [line.split()[3] for line in table] == ["2.00", "5.00", "2.00"]  # when the last epoch ended
+    assert [line.split()[4] for line in table] == ["-", "24", "-"]  # the size the runs trained at, where known
     assert f"Regenerate: python bench/time_to_accuracy.py --data {data} --work {work} --no-baseline" in out
     # One panel per config, side by side.
     height, width = matplotlib.image.imread(figure).shape[:2]

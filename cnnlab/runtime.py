@@ -94,13 +94,6 @@ class Distribution:
     def num_replicas(self) -> int:
         return self.strategy.num_replicas_in_sync
 
-    def agreed(self, values: list[float]) -> list[float]:
-        """The mean over all workers of each of `values`: a decision taken from measurements (each worker times its
-        own steps) must be the same on all of them."""
-        per_replica = self.strategy.run(lambda: tf.constant(values, tf.float64))
-        mean = self.strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=None)
-        return [float(v) for v in mean.numpy()]
-
 
 def _tf_config() -> dict | None:
     raw = os.environ.get("TF_CONFIG")

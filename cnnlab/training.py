@@ -441,7 +441,7 @@ def fit_size_to_budget(cfg: dict, data: Datasets, dist, budget_s: float) -> tupl
     jit_compile = resolve_jit(cfg["runtime"]["jit_compile"])
     with dist.strategy.scope():
         step_s = time_training_step(cfg, data, jit_compile)
-    step_s, spent = dist.agreed([step_s, time.perf_counter() - start])
+    spent = time.perf_counter() - start
     own = model_input_size(cfg)[0]
     phases = training_phases(cfg)
     plan = plan_for(phases, model_input_size(cfg), lambda phase: model_input_size(cfg) if phase["size"] is None
@@ -496,7 +496,10 @@ def train(cfg: dict, config_files: list[str], *, resume: str | bool | None = Non
             print(describe(cfg))
         return None
     probe_s = 0.0
-    if fallback_sizes(cfg):
+    if fallback_sizes(cfg) and isinstance(dist.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        # Each worker would time its own steps, and a size chosen near the threshold could differ between them.
+        print("training.downsize is not used across several workers: training at the config's own size.", flush=True)
+    elif fallback_sizes(cfg):
         if resume:
             # The size this run chose when it started, not one timed again now: its checkpoints are at that size.
             cfg = with_size_of(cfg, RunDir.for_resume(resume, cfg).config())

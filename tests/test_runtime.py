@@ -108,15 +108,14 @@ def test_two_local_workers_train_an_epoch_and_only_the_chief_writes(tmp_path):
     keras.models.load_model(run_dir / "checkpoints" / "best.keras")
 
 
-def test_two_local_workers_agree_on_the_size_a_budget_holds(tmp_path):
-    # Each worker times its own steps; the size must be one decision, or their models would differ.
-    outs = two_local_workers(tmp_path, "mwd", "--set", "training.time_budget=0.1", "--set",
-                             "training.downsize.sizes=[16, 24]", "--set", "training.downsize.min_epochs=4")
-    timings = [next(line for line in out.splitlines() if "a training step at 32 pixels takes" in line) for out in outs]
-    assert timings[0] == timings[1]
-    chosen = int(timings[0].rsplit("training at ", 1)[1].rstrip("."))
+def test_two_local_workers_train_a_budget_at_the_configs_own_size(tmp_path):
+    # Each worker would time its own steps and might choose another size, so several workers keep the config's own.
+    outs = two_local_workers(tmp_path, "mwd", "--set", "training.time_budget=0.05", "--set",
+                             "training.downsize.sizes=[16, 24]", "--set", "training.downsize.min_epochs=1000")
+    for out in outs:
+        assert "training.downsize is not used across several workers" in out and "a training step at" not in out
     run_dir = tmp_path / "runs" / "mwd"
-    assert config.resolve([str(run_dir / "config.yaml")])["data"]["image_size"] == [chosen, chosen]
+    assert config.resolve([str(run_dir / "config.yaml")])["data"]["image_size"] == [32, 32]
     assert history(run_dir)
 
 

@@ -23,6 +23,8 @@ from typing import Callable
 
 import keras
 
+from cnnlab.modeling import model_input_size
+
 
 class BudgetPlan:
     """Maps a fraction of the budget spent to a position in the plan, in nominal epochs.
@@ -152,19 +154,12 @@ def pick_size(own: int, sizes: list[int], min_epochs: float, held: Callable[[flo
     return min(sizes)
 
 
-def _own_size(cfg: dict) -> tuple[int, int]:
-    from cnnlab.config import as_size
-
-    crop = cfg["augment"]["crop"]
-    return as_size(crop if crop is not None else cfg["data"]["image_size"])
-
-
 def fallback_sizes(cfg: dict) -> list[int]:
     """The sizes of `training.downsize` a budgeted run may fall back to: those below the config's own network input
     height (a config whose crop was made smaller with --set has fewer), smallest first; [] without a budget."""
     if not cfg["training"]["time_budget"]:
         return []
-    return sorted(h for h in set(cfg["training"]["downsize"]["sizes"]) if h < _own_size(cfg)[0])
+    return sorted(h for h in set(cfg["training"]["downsize"]["sizes"]) if h < model_input_size(cfg)[0])
 
 
 def downsized(cfg: dict, height: int) -> dict:
@@ -174,7 +169,7 @@ def downsized(cfg: dict, height: int) -> dict:
     from cnnlab.config import as_size
 
     crop = cfg["augment"]["crop"]
-    factor = height / _own_size(cfg)[0]
+    factor = height / model_input_size(cfg)[0]
 
     def scaled(size):
         h, w = as_size(size)

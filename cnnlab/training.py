@@ -117,6 +117,11 @@ def training_phases(cfg: dict) -> list[dict]:
     return phases
 
 
+def phase_size(cfg: dict, phase: dict) -> tuple[int, int]:
+    """The network input size a phase of `training_phases` trains at."""
+    return config_lib.as_size(phase["size"]) if phase["size"] is not None else model_input_size(cfg)
+
+
 def unfreeze_for_fine_tuning(model: keras.Model, which: int | str) -> list[str]:
     from models.transfer import unfreeze
 
@@ -444,8 +449,7 @@ def fit_size_to_budget(cfg: dict, data: Datasets, dist, budget_s: float) -> tupl
     spent = time.perf_counter() - start
     own = model_input_size(cfg)[0]
     phases = training_phases(cfg)
-    plan = plan_for(phases, model_input_size(cfg), lambda phase: model_input_size(cfg) if phase["size"] is None
-                    else config_lib.as_size(phase["size"]))
+    plan = plan_for(phases, model_input_size(cfg), lambda phase: phase_size(cfg, phase))
     downsize = cfg["training"]["downsize"]
 
     def held(scale: float) -> float:
@@ -561,7 +565,7 @@ def _train_in(cfg: dict, data: Datasets, run: RunDir, out: RunDir, state: dict, 
     state["data"] = {"class_names": data.class_names, "num_train": data.num_train, "num_val": data.num_val,
                      "params": int(model.count_params())}
     checkpoint = RunCheckpoint(out, state, keep_every_epoch=cfg["run"]["keep_every_epoch"],
-                               spent_before=0.0 if state["history"] else probe_s)
+                               spent_before=probe_s)
     callbacks = [
         keras.callbacks.TensorBoard(
             log_dir=str(out.logs_dir), histogram_freq=1 if cfg["runtime"]["log_histograms"] else 0,
@@ -576,10 +580,7 @@ def _train_in(cfg: dict, data: Datasets, run: RunDir, out: RunDir, state: dict, 
     flip_validation = config_lib.flip_tta(cfg)
     jit_compile = resolve_jit(cfg["runtime"]["jit_compile"])
 
-    def network_size(phase: dict) -> tuple[int, int]:
-        return config_lib.as_size(phase["size"]) if phase["size"] is not None else model_input_size(cfg)
-
-    plan = plan_for(phases, model_input_size(cfg), network_size) if budget_s else None
+    plan = plan_for(phases, model_input_size(cfg), lambda phase: phase_size(cfg, phase)) if budget_s else None
     if budget_s and not state["epoch"]:
         print(f"Time budget: {budget_s / 60:g} min; the plan's {total_epochs} epochs are shares of it.", flush=True)
 
@@ -594,7 +595,7 @@ def _train_in(cfg: dict, data: Datasets, run: RunDir, out: RunDir, state: dict, 
             continue
         entering = state.get("phase") != phase["name"]
         previous = None if entering else model.optimizer
-        size = network_size(phase)
+        size = phase_size(cfg, phase)
         if network_input_size(model) != size:
             # A progressive-resizing stage: the same weights in the model built for this size. Its augmentation
             # gets a seed of its own, so that stages do not replay the first stage's random crops.

@@ -310,6 +310,7 @@ RULES: dict[str, Callable] = {
     "augment.erasing": _num_in(0, 1, high_open=False),
     "augment.erasing_scale": _range_pair(0, 1, nullable=False),
     "model.head_dropout": _num_in(0, 1),
+    "model.first_conv_init": _choice("random", "pca"),
     "model.*.filters": _per_stage(_int_at_least(1)),
     "model.*.blocks": _per_stage(_int_at_least(1)),
     "model.*.kernel_size": _per_stage(_int_at_least(1)),
@@ -417,6 +418,12 @@ def _check_cross_keys(cfg: dict, origins: dict) -> None:
     if model["name"] not in model or not isinstance(model[model["name"]], dict):
         families = [k for k, v in model.items() if isinstance(v, dict)]
         fail("model.name", f"model.name must be one of {', '.join(families)}. Received: {model['name']!r}")
+    if model["name"] == "transfer":
+        for key, default in (("first_conv_init", "random"), ("first_conv_trainable", True)):
+            if model[key] != default:
+                fail(f"model.{key}", f"model.{key} is for the from-scratch families (standard, pointwise, "
+                     f"separable); a transfer backbone's first conv comes pretrained. Received: {model[key]!r} "
+                     f"with model.name 'transfer'")
     data = cfg["data"]
     if data["source"] == "folder" and not data["path"]:
         fail("data.source", "data.source is 'folder' but data.path is not set; pass --set data.path=DIR.")

@@ -90,6 +90,8 @@ def build_model(cfg: dict, num_classes: int, size=None, seed: int | None = None)
                            head_dropout=model_cfg["head_dropout"], **model_cfg[name])
     except ValueError as e:  # builders validate their arguments; report it against the config section
         raise UserError(f"model.{name}: {e}") from None
+    if not model_cfg["first_conv_trainable"]:
+        first_conv(net).trainable = False
     augment_cfg = cfg["augment"] if size is None or cfg["augment"]["crop"] is None else {
         **cfg["augment"], "crop": [h, w]}
     augment = augmentation_layers(augment_cfg, cfg["run"]["seed"] if seed is None else seed)
@@ -117,6 +119,21 @@ def family_network(model: keras.Model) -> keras.Model:
     """The family network inside a model built by `build_model` (the model itself when it has no augmentation)."""
     nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
     return nested[-1] if nested else model
+
+
+def first_conv(model: keras.Model) -> layers.Conv2D:
+    """The first standard convolution of the family network inside `model`: the stem of every from-scratch
+    family (depthwise and separable convolutions are not `Conv2D`s)."""
+    def walk(m: keras.Model):
+        for layer in m.layers:
+            yield layer
+            if isinstance(layer, keras.Model):
+                yield from walk(layer)
+
+    for layer in walk(family_network(model)):
+        if type(layer) is layers.Conv2D:
+            return layer
+    raise ValueError(f"the model {model.name!r} has no Conv2D layer")
 
 
 def network_input_size(model: keras.Model) -> tuple[int, int]:

@@ -23,6 +23,7 @@ from cnnlab.data import Datasets, build_datasets, class_names_at_hand
 from cnnlab.errors import TrainingError, UserError
 from cnnlab.modeling import (build_model, model_input_size, network_input_size, resize_model,
                               stage_image_size, without_pretrained_weights)
+from cnnlab.patch_pca import set_first_conv_to_pca
 from cnnlab.report import format_report, model_report
 from cnnlab.runs import RunDir, fresh_state
 from cnnlab.runtime import enable_memory_growth, make_strategy, resolve_jit, set_precision, set_seed
@@ -544,7 +545,8 @@ def train(cfg: dict, config_files: list[str], *, resume: str | bool | None = Non
 
 def _train_in(cfg: dict, data: Datasets, run: RunDir, out: RunDir, state: dict, dist, probe_s: float) -> Path:
     """The body of `train`, under the strategy's scope; files go to `out` (the run itself on the chief). `probe_s`:
-    seconds of the budget already spent timing steps (`fit_size_to_budget`)."""
+    seconds of the budget already spent timing steps (`fit_size_to_budget`); setting the first conv's kernels
+    (`model.first_conv_init: pca`) adds its own."""
     out.checkpoints_dir.mkdir(parents=True, exist_ok=True)
     out.write_config(cfg)
     report_left_out(data, out)
@@ -560,6 +562,13 @@ def _train_in(cfg: dict, data: Datasets, run: RunDir, out: RunDir, state: dict, 
     else:
         state = fresh_state()  # killed before its first epoch ended: start over in the same directory
         model = build_model(cfg, data.num_classes)
+        if cfg["model"]["first_conv_init"] == "pca":
+            start = time.perf_counter()
+            used = set_first_conv_to_pca(model, data.train, read_all=cfg["data"]["cache"] != "none")
+            spent = time.perf_counter() - start
+            probe_s += spent
+            print(f"First conv: the principal components of {used} training images' patches ({spent:.1f} s, "
+                  "reading the training images once).", flush=True)
         out.save_initial(model)
 
     state["data"] = {"class_names": data.class_names, "num_train": data.num_train, "num_val": data.num_val,

@@ -21,7 +21,8 @@ def write_filter_figures(model: keras.Model, model_name: str, out_dir: Path, *, 
     - `feature_maps` (with an image): the layer's activations for it, the input beside them.
     - `classic_filters` (with an image, first layer only): Sobel, blur, Laplacian and edge filters applied to the
       image, and the learned filters most like them.
-    - `before_after` (with the initial model): kernels at initialisation and trained.
+    - `before_after` (with the initial model, for a layer that trains): kernels at initialisation and trained. A
+      layer held fixed (`model.first_conv_trainable: false`) has none: its kernels are its start.
     """
     layer = plots.find_conv_layer(model, layer_name)
     kind = plots.kernel_kind(layer)
@@ -45,7 +46,7 @@ def write_filter_figures(model: keras.Model, model_name: str, out_dir: Path, *, 
             title = (f"Classic filters on {Path(image_label).name or 'the input'} (NumPy reference conv2d), and the "
                      f"most similar of {model_name} / {layer.name}'s {kernel.shape[-1]} learned filters (|cosine|)")
             save(plots.plot_classic_filters(image, kernel, title), "classic_filters")
-    if initial is not None and kind != "pointwise":
+    if initial is not None and kind != "pointwise" and layer.trainable:
         before = plots.layer_kernel(plots.find_conv_layer(initial, layer.name))
         title = f"{model_name} / {layer.name}: kernels before and after training ({'per-tile' if per_tile else 'global'} scale)"
         save(plots.plot_before_after(before, plots.layer_kernel(layer), title, per_tile, max_filters), "before_after")

@@ -152,6 +152,21 @@ def test_cli_on_the_trained_smoke_run_writes_figures_says_where_and_finds_struct
                                          str(tmp_path / "missing.keras")), "no such file")
 
 
+def test_a_first_layer_held_fixed_gets_no_before_after_figure(tmp_path):
+    from cnnlab import config
+    from cnnlab.modeling import build_model
+    from cnnlab.visualize import write_filter_figures
+
+    names = {}
+    for trainable in (True, False):
+        cfg = config.resolve([str(REPO / "configs/smoke.yaml")], [f"model.first_conv_trainable={str(trainable).lower()}"])
+        model = build_model(cfg, 2)
+        written = write_filter_figures(model, "m", tmp_path / str(trainable), initial=build_model(cfg, 2))
+        names[trainable] = {p.split("stage1_block1_conv_")[1].rsplit(".", 1)[0] for p in written}
+    assert names[True] == {"kernels", "kernels_by_channel", "before_after"}
+    assert names[False] == {"kernels", "kernels_by_channel"}
+
+
 def test_before_after_shows_the_learned_change_as_a_third_panel():
     rng = np.random.default_rng(0)
     before = rng.normal(0, 1, (3, 3, 3, 4)).astype(np.float32)

@@ -121,16 +121,19 @@ def family_network(model: keras.Model) -> keras.Model:
     return nested[-1] if nested else model
 
 
+def all_layers(model: keras.Model):
+    """Every layer of `model` but nested models themselves, whose layers come in their place: input side first."""
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from all_layers(layer)
+        else:
+            yield layer
+
+
 def first_conv(model: keras.Model) -> layers.Conv2D:
     """The first standard convolution of the family network inside `model`: the stem of every from-scratch
     family (depthwise and separable convolutions are not `Conv2D`s)."""
-    def walk(m: keras.Model):
-        for layer in m.layers:
-            yield layer
-            if isinstance(layer, keras.Model):
-                yield from walk(layer)
-
-    for layer in walk(family_network(model)):
+    for layer in all_layers(family_network(model)):
         if type(layer) is layers.Conv2D:
             return layer
     raise ValueError(f"the model {model.name!r} has no Conv2D layer")

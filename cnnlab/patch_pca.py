@@ -16,6 +16,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -51,17 +53,26 @@ def principal_kernels(patches: np.ndarray, kernel_shape: tuple[int, int, int, in
     return kernels.reshape(kernel_shape)
 
 
-def conv_inputs(model: keras.Model, images: tf.Tensor, conv: keras.layers.Conv2D) -> tf.Tensor:
-    """What `conv`, a layer of the family network inside `model`, receives for a batch of `images` at inference
-    (augmentation off: the centre crop)."""
+def conv_input_fn(model: keras.Model, conv: keras.layers.Conv2D) -> Callable[[tf.Tensor], tf.Tensor]:
+    """A function from a batch of images to what `conv`, a layer of the family network inside `model`, receives
+    for them at inference (augmentation off: the centre crop)."""
     net = family_network(model)
-    x = images
-    for layer in model.layers if net is not model else []:
-        if layer is net:
-            break
-        if not isinstance(layer, keras.layers.InputLayer):
+    front = [layer for layer in (model.layers if net is not model else [])
+             if layer is not net and not isinstance(layer, keras.layers.InputLayer)]
+    to_conv = keras.Model(net.inputs, conv.input)
+
+    def inputs(images: tf.Tensor) -> tf.Tensor:
+        x = images
+        for layer in front:
             x = layer(x, training=False)
-    return keras.Model(net.inputs, conv.input)(x, training=False)
+        return to_conv(x, training=False)
+
+    return inputs
+
+
+def conv_inputs(model: keras.Model, images: tf.Tensor, conv: keras.layers.Conv2D) -> tf.Tensor:
+    """What `conv` receives for a batch of `images` at inference (see `conv_input_fn`)."""
+    return conv_input_fn(model, conv)(images)
 
 
 def set_first_conv_to_pca(model: keras.Model, train: tf.data.Dataset, *, max_images: int = 512,
@@ -86,11 +97,12 @@ def set_first_conv_to_pca(model: keras.Model, train: tf.data.Dataset, *, max_ima
     sh, sw = conv.strides
     dh, dw = conv.dilation_rate
     rng = np.random.default_rng(seed)
+    inputs = conv_input_fn(model, conv)
     chunks, used = [], 0
     for batch in train:
         if used < max_images:
             images = batch[0][: max_images - used]
-            x = tf.cast(conv_inputs(model, images, conv), tf.float32)
+            x = tf.cast(inputs(images), tf.float32)
             # The positions the conv's own strides visit, without padding: padded borders are not image statistics.
             patches = tf.image.extract_patches(x, sizes=[1, kh, kw, 1], strides=[1, sh, sw, 1],
                                                rates=[1, dh, dw, 1], padding="VALID").numpy()

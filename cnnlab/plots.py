@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402
 from keras import layers  # noqa: E402
 
 from cnnlab import conv_math  # noqa: E402
+from cnnlab.modeling import all_layers  # noqa: E402
 
 CONV_TYPES = (layers.Conv2D, layers.DepthwiseConv2D, layers.SeparableConv2D)
 
@@ -29,13 +30,7 @@ CONV_TYPES = (layers.Conv2D, layers.DepthwiseConv2D, layers.SeparableConv2D)
 
 def conv_layers(model: keras.Model) -> list[layers.Layer]:
     """Every convolution layer in `model`, nested models included, input side first."""
-    found = []
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            found += conv_layers(layer)
-        elif isinstance(layer, CONV_TYPES):
-            found.append(layer)
-    return found
+    return [layer for layer in all_layers(model) if isinstance(layer, CONV_TYPES)]
 
 
 def find_conv_layer(model: keras.Model, name: str | None = None) -> layers.Layer:

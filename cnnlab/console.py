@@ -12,6 +12,9 @@ import contextlib
 import os
 import sys
 import tempfile
+from typing import Iterable, Iterator, TypeVar
+
+T = TypeVar("T")
 
 VERBOSE_ENV = "CNNLAB_VERBOSE"
 
@@ -41,6 +44,25 @@ def held_native_stderr(release: bool = False):
             if release or failed:
                 held.seek(0)
                 os.write(2, held.read())
+
+
+def first_item_held(iterable: Iterable[T]) -> Iterator[T]:
+    """Yields the items of `iterable`, starting it and fetching its first item with native stderr held.
+
+    A tf.data pipeline creates its kernels when its first element is fetched, and on some AVX-512 CPUs oneDNN then
+    logs "E0000 ... supports DT_UINT8 only on platforms with AVX-512" for the uint8 image ops (a notice that it uses
+    other kernels, which reads as a failure). What the rest of the iteration writes is shown as usual.
+    """
+    with held_native_stderr():
+        iterator = iter(iterable)
+        first = next(iterator, _NOTHING)
+    if first is _NOTHING:
+        return
+    yield first
+    yield from iterator
+
+
+_NOTHING = object()
 
 
 def verbose_requested(argv: list[str]) -> bool:

@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from cnnlab import config as config_lib
+from cnnlab import console
 from cnnlab.config import as_size
 from cnnlab.data import source_splits
 from cnnlab.images import IMAGE_EXTENSIONS, UnreadableImage, find_images, read_image
@@ -100,7 +101,7 @@ def predict_split(model: keras.Model, cfg: dict, split: str, tta: bool = False,
                      "--checkpoint" if isinstance(model, keras.Model) else "--model")
     ds = splits[split][0].batch(cfg["data"]["batch_size"]).prefetch(tf.data.AUTOTUNE)
     ids, labels, probs, worst, seconds = [], [], [], [], 0.0
-    for images, y, batch_ids in ds:
+    for images, y, batch_ids in console.first_item_held(ds):
         images = tf.cast(images, tf.float32)
         start = time.perf_counter()
         p = predict_batch(model, images, tta)

@@ -88,6 +88,21 @@ def test_held_native_stderr_holds_writes_to_descriptor_2_and_releases_them_on_re
     assert "stderr still works" in capfd.readouterr().err
 
 
+def test_first_item_held_hides_what_starting_an_iteration_writes_and_nothing_after(capfd):
+    from cnnlab.console import first_item_held
+
+    def batches():
+        os.write(2, b"kernel notice\n")
+        yield 1
+        os.write(2, b"later message\n")
+        yield 2
+
+    assert list(first_item_held(batches())) == [1, 2]
+    assert list(first_item_held([])) == []
+    err = capfd.readouterr().err
+    assert "kernel notice" not in err and "later message" in err
+
+
 def test_cpu_features_names_the_speed_relevant_flags_in_a_fixed_order(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nmodel name\t: Some Xeon\n"

@@ -15,6 +15,7 @@ import tempfile
 from typing import Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
+_NOTHING = object()  # what next() gives for an empty iterable in first_item_held
 
 VERBOSE_ENV = "CNNLAB_VERBOSE"
 
@@ -60,9 +61,6 @@ def first_item_held(iterable: Iterable[T]) -> Iterator[T]:
         return
     yield first
     yield from iterator
-
-
-_NOTHING = object()
 
 
 def verbose_requested(argv: list[str]) -> bool:

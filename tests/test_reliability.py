@@ -134,13 +134,8 @@ def test_a_second_scan_of_an_unchanged_folder_decodes_nothing(tmp_path, monkeypa
     cfg = config.resolve([], ["data.source=folder", f"data.path={shared_data}"])
     files, _ = data.folder_files(cfg["data"], seed=0)
     paths = [p for ps, _ in files.values() for p in ps]
-    start = time.perf_counter()
     assert data.scan_images(paths, (160, 160), 50).left_out == set()
-    first = time.perf_counter() - start
-    start = time.perf_counter()
     assert data.scan_images(paths, (160, 160), 50).left_out == set()
-    second = time.perf_counter() - start
-    print(f"first scan {first:.2f}s, second {second:.3f}s for {len(paths)} files")
     # Behaviour, not a timing (which a busy machine or a warm page cache blurs): the cache spares every decode.
     assert sum(decoded[:1]) == len(paths) and sum(decoded[1:]) == 0, decoded
 

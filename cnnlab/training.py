@@ -412,6 +412,53 @@ def raise_stop(checkpoint: RunCheckpoint, run_dir: RunDir, cfg: dict) -> None:
 # A budget too short for the plan: smaller images (training.downsize)
 
 
+def _takes(cfg: dict, size: tuple[int, int]) -> bool:
+    """Whether the config's family network builds at network input `size` (its strides and poolings leave at
+    least one pixel)."""
+    try:
+        build_model(without_pretrained_weights(cfg), 2, size=size)
+    except (UserError, ValueError):
+        return False
+    return True
+
+
+def check_network_sizes(cfg: dict) -> None:
+    """Refuses, in one line, a network input size the run could train at that the family network cannot take: a
+    progressive stage, or one of a `training.downsize` size's stages (they shrink with it). Checked before anything is
+    timed or written; otherwise Keras's error would stop the run at that stage's start.
+
+    An output size never grows when an input shrinks, so building at the smallest height and width is enough.
+    """
+    candidates = [(cfg, None)] + [(downsized(cfg, h), h) for h in fallback_sizes(cfg)]
+    sizes = [(phase_size(c, phase), c, height) for c, height in candidates for phase in training_phases(c)]
+    smallest = (min(s[0] for s, _, _ in sizes), min(s[1] for s, _, _ in sizes))
+    if _takes(cfg, smallest):
+        return
+    failing = next((s for s in sorted(sizes, key=lambda s: s[0][0] * s[0][1]) if not _takes(cfg, s[0])), None)
+    if failing is None:  # the smallest height and the smallest width came from different sizes
+        return
+    size, c, height = failing
+    # The smallest square it takes, for the message (a handful of quick builds, on this error path only).
+    low, high = min(size), max(model_input_size(cfg))
+    while not _takes(cfg, (high, high)) and high < 4096:
+        low, high = high, 2 * high
+    while low + 1 < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if _takes(cfg, (mid, mid)) else (mid, high)
+    name, at = f"model.{cfg['model']['name']}", f"{size[0]}x{size[1]}"
+    needs = f"smaller than {name} takes (its strides and poolings need at least {high}x{high})"
+    stage = size != tuple(model_input_size(c))
+    if height is not None:
+        raise UserError(f"training.downsize.sizes: training at {height} pixels"
+                        + (f" makes a progressive stage {at}, " if stage else ", ") + f"{needs}; drop the size"
+                        + (" or make training.progressive.sizes larger" if stage else "")
+                        + f". Received: {cfg['training']['downsize']['sizes']}")
+    key = "training.progressive.sizes" if stage else (
+        "augment.crop" if cfg["augment"]["crop"] is not None else "data.image_size")
+    value = cfg["training"]["progressive"]["sizes"] if stage else list(size)
+    raise UserError(f"{key}: {at} is {needs}. Received: {value}")
+
+
 class _StepTimes(keras.callbacks.Callback):
     def __init__(self):
         super().__init__()
@@ -500,6 +547,7 @@ def train(cfg: dict, config_files: list[str], *, resume: str | bool | None = Non
         with dist.strategy.scope():
             print(describe(cfg))
         return None
+    check_network_sizes(cfg)
     probe_s = 0.0
     if fallback_sizes(cfg) and isinstance(dist.strategy, tf.distribute.MultiWorkerMirroredStrategy):
         # Each worker would time its own steps, and a size chosen near the threshold could differ between them.

@@ -10,7 +10,8 @@ from cnnlab import config
 from cnnlab.budget import BudgetPlan, downsized, epochs_held, pick_size, plan_for
 from cnnlab.modeling import model_input_size
 from cnnlab.runs import RunDir
-from cnnlab.training import lr_schedule, train, training_phases
+from cnnlab.errors import UserError
+from cnnlab.training import check_network_sizes, lr_schedule, train, training_phases
 from tests.conftest import REPO
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
@@ -152,3 +153,41 @@ def test_a_budget_too_short_for_the_plan_trains_and_saves_the_run_at_a_smaller_s
     train(cfg, [SMOKE])
     assert "a training step at" not in capsys.readouterr().out
     assert RunDir(tmp_path / "none").config()["data"]["image_size"] == [32, 32]
+
+
+@pytest.mark.parametrize(
+    "sets, fragments",
+    [
+        # Four 2x2 poolings need 16 pixels: a 12-pixel progressive stage would leave nothing to pool.
+        (["training.progressive.sizes=[12]", "training.progressive.epochs=2"],
+         ["training.progressive.sizes: 12x12 is smaller than model.standard takes",
+          "need at least 16x16", "Received: [12]"]),
+        # Downsizing to 20 pixels shrinks the 24-pixel stage to 15: too small. 28 alone would be fine (21).
+        (["training.progressive.sizes=[24]", "training.progressive.epochs=2", "training.time_budget=0.1",
+          "training.downsize.sizes=[20, 28]"],
+         ["training.downsize.sizes: training at 20 pixels makes a progressive stage 15x15",
+          "need at least 16x16", "or make training.progressive.sizes larger", "Received: [20, 28]"]),
+        (["training.time_budget=0.1", "training.downsize.sizes=[8]"],
+         ["training.downsize.sizes: training at 8 pixels, smaller than model.standard takes", "at least 16x16",
+          "drop the size. Received: [8]"]),
+    ],
+)
+def test_a_size_the_network_cannot_take_is_refused_in_one_line_before_the_run_is_written(tmp_path, sets, fragments):
+    cfg = config.resolve([SMOKE], [f"run.dir={tmp_path}", "run.name=small", "model.standard.filters=[8, 8, 8, 8]",
+                                   "model.standard.kernel_size=3", "model.standard.kernel_initializer=he_normal",
+                                   *sets])
+    with pytest.raises(UserError) as info:
+        train(cfg, [SMOKE])
+    message = str(info.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, message
+    assert not (tmp_path / "small").exists()
+
+
+def test_the_smallest_size_the_network_takes_passes_the_check():
+    # 16 pixels: exactly what four poolings need (16 -> 8 -> 4 -> 2 -> 1).
+    cfg = config.resolve([SMOKE], ["model.standard.filters=[8, 8, 8, 8]", "model.standard.kernel_size=3",
+                                   "model.standard.kernel_initializer=he_normal", "training.progressive.sizes=[16]",
+                                   "training.progressive.epochs=2"])
+    check_network_sizes(cfg)

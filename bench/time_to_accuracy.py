@@ -2,6 +2,8 @@
 
     python bench/time_to_accuracy.py configs/small_data/standard.yaml --seeds 3
     python bench/time_to_accuracy.py configs/small_data/*.yaml --seeds 3 --budgets 2 5 10 --work bench-work
+    python bench/time_to_accuracy.py configs/small_data/standard.yaml configs/small_data/pointwise.yaml@10 \
+        --budgets 2 5 10 --seeds 3 --work bench-work --resume
     python bench/time_to_accuracy.py configs/small_data/standard.yaml --no-baseline
     python bench/time_to_accuracy.py configs/small_data/standard.yaml --baseline-run-on 16
 
@@ -17,17 +19,19 @@ checkpoint is kept (`run.keep_every_epoch`) and scored on the held-out half afte
 half that did not pick then picks too, and the seed's gap is the mean of the two ways round. That cancels the
 halves' difference in difficulty seed by seed, which alternating seeds do only on average (an even number of them).
 
-With --work, results accumulate in its results.json: a later invocation in the same folder (same --budget) adds its
-runs to the earlier ones, so `--first-seed 3 --seeds 2` adds seeds 3 and 4 to a table and keeps the baseline run
-that the speed-ups are measured against.
+With --work, results accumulate in its results.json, each run saved as it ends: a later invocation in the same
+folder (same --budget) adds its runs to the earlier ones, so `--first-seed 3 --seeds 2` adds seeds 3 and 4 to a table
+and keeps the baseline run that the speed-ups are measured against. With --resume, the same command run again skips
+the runs the folder already holds of the same config file (byte for byte, by its SHA-256) on the same machine, so a
+table that takes hours can be stopped and finished later; the command printed stays the one that makes the table.
 
 Each config runs through `train.py` (a fresh process per seed, as a user runs it). The baseline is the
 "Deep Learning with Python" (ch. 8) convnet trained the way the TensorFlow tutorial does it: 180x180 images from
 `image_dataset_from_directory`, RandomFlip / RandomRotation(0.1) / RandomZoom(0.2), Rescaling, Conv2D 32-64-128-256-256
 with max pooling, Flatten, Dropout(0.5), a sigmoid unit, RMSprop, batch 32.
 
-Each budget (--budgets, by default the first config's `training.time_budget`) is a full run of each config with
-that `training.time_budget`, so its learning-rate schedule and progressive stages end with it: such a run stops
+Each budget (`CONFIG@MINUTES` for one config, else --budgets, else the config's `training.time_budget`) is a full
+run of that config with that `training.time_budget`, so its learning-rate schedule and progressive stages end with it: such a run stops
 itself after the step that spends the budget, and every epoch that started within the budget counts. The table has
 a row per config and budget. The baseline is stopped from outside, and one run of it serves every budget: its row
 at a budget counts the epochs that ended within it and scores the best of those. It may be told to train on past
@@ -44,6 +48,7 @@ budget's end. The bench prints the command that regenerates its table.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shlex
 import statistics
@@ -117,6 +122,21 @@ def config_budget(config_file: str) -> float:
     return resolve([config_file])["training"]["time_budget"] or 10.0
 
 
+def config_budgets(arg: str, budgets_min: list[float] | None) -> tuple[str, list[float]]:
+    """A CONFIG argument's file and budgets: `file@5,10` its own, else --budgets, else the file's
+    `training.time_budget`, else 10 minutes."""
+    config_file, _, own = arg.partition("@")
+    if not Path(config_file).is_file():
+        fail(f"{config_file}: no such config file")
+    if own:
+        try:
+            return config_file, sorted({float(b) for b in own.split(",")})
+        except ValueError:
+            fail(f"{arg}: the budgets after @ must be minutes separated by commas, e.g. {config_file}@5,10. "
+                 f"Received: {own}")
+    return config_file, sorted(set(budgets_min or [config_budget(config_file)]))
+
+
 def run_name(config_name: str, budget_min: float, seed: int) -> str:
     return f"{config_name}-{budget_min:g}min-seed{seed}"
 
@@ -151,7 +171,13 @@ def run_config(config_file: str, seed: int, folds: dict[str, Path], work: Path, 
         if best["val_accuracy"] >= max(float(r["val_accuracy"]) for r in rows):
             held_out = evaluate_held_out(run_dir)
     return {"seed": seed, "run": name, "picks_on": picking_half(seed), "history": history, "held_out": held_out,
-            "size": trained_size(run_dir)}
+            "size": trained_size(run_dir), "config_sha": file_sha(config_file), "machine": machine_summary()}
+
+
+def file_sha(path: str | Path) -> str:
+    """A short fingerprint of a file's bytes: a run records its config's, so that --resume reuses only runs of the
+    config as it is now."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
 
 
 def trained_size(run_dir: Path) -> int | None:
@@ -353,7 +379,7 @@ def baseline_views(result: dict, seed: int, budgets_min: list[float]) -> dict[fl
     return {b: {"seed": seed, "picks_on": picking_half(seed), "run_on": result["history"],
                 "history": [h for h in result["history"] if h["elapsed"] <= b * 60],
                 "held_out": result["held_out"].get(f"{b:g}"), "params": result["params"], "macs": result["macs"],
-                "size": BASELINE_SIZE}
+                "size": BASELINE_SIZE, "config_sha": file_sha(__file__), "machine": machine_summary()}
             for b in budgets_min}
 
 
@@ -498,11 +524,12 @@ def plot_anytime(rows: dict[str, dict], path: Path, title: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("configs", nargs="*", help="config files to train")
+    parser.add_argument("configs", nargs="*", metavar="CONFIG[@MINUTES,...]",
+                        help="config files to train; `file@10` or `file@5,10` trains that one at those budgets only")
     parser.add_argument("--data", type=Path, default=SHARED, help="train/ + val/ photo folders (default: %(default)s)")
     parser.add_argument("--budgets", type=float, nargs="+", default=None, metavar="MINUTES",
-                        help="wall-clock training budgets, a full run of each config for each (default: the first "
-                             "config's training.time_budget, else 10)")
+                        help="wall-clock training budgets, a full run of each config for each (a config's own "
+                             "@MINUTES come first; default: each config's training.time_budget, else 10)")
     parser.add_argument("--seeds", type=int, default=1, help="runs per config and budget (seeds F..F+N-1)")
     parser.add_argument("--first-seed", type=int, default=0, help="F, the first seed (to add seeds to a result)")
     parser.add_argument("--baseline-seeds", type=int, default=1, help="runs of the tutorial baseline")
@@ -511,6 +538,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="minutes the baseline may train in all, past the largest budget, to time its 75%% "
                              "(its rows count their budgets)")
     parser.add_argument("--work", type=Path, default=None, help="folder for the runs (default: a temporary one)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs --work already holds of the same config file (byte for byte) on the same "
+                             "machine instead of running them again: an interrupted table goes on where it stopped")
     parser.add_argument("--figure", type=Path, default=None,
                         help="where the anytime figure goes (default: anytime.png in --work)")
     parser.add_argument("--baseline-child", action="store_true", help=argparse.SUPPRESS)
@@ -519,7 +549,9 @@ def main(argv: list[str] | None = None) -> None:
     from cnnlab.console import start_tensorflow
 
     start_tensorflow()  # TensorFlow's start-up notices held back, as the tools do
-    budgets = sorted(set(args.budgets or [config_budget(args.configs[0]) if args.configs else 10.0]))
+    plans = [config_budgets(arg, args.budgets) for arg in args.configs]
+    budgets = sorted({b for _, config_budgets_min in plans for b in config_budgets_min}
+                     or set(args.budgets or [10.0]))
     if min(budgets) <= 0:
         fail(f"--budgets: minutes must be positive. Received: {min(budgets):g}")
     if args.baseline_child:
@@ -535,25 +567,49 @@ def main(argv: list[str] | None = None) -> None:
     results = work / "results.json"
     rows: dict[str, dict] = json.loads(results.read_text()) if results.exists() else {}
 
-    def add(config_name: str, budget_min: float, runs: list[dict], macs: int, params: int) -> None:
-        key = row_key(config_name, budget_min)
-        kept = [r for r in rows.get(key, {}).get("runs", []) if r["seed"] not in {run["seed"] for run in runs}]
-        rows[key] = {"config": config_name, "budget": budget_min, "runs": sorted(kept + runs, key=lambda r: r["seed"]),
-                     "macs": macs, "params": params}
+    def save() -> None:
         results.write_text(json.dumps(rows, indent=1, default=str))
 
+    def add(config_name: str, budget_min: float, runs: list[dict], macs: int | None = None,
+            params: int | None = None) -> None:
+        key = row_key(config_name, budget_min)
+        row = rows.get(key, {})
+        kept = [r for r in row.get("runs", []) if r["seed"] not in {run["seed"] for run in runs}]
+        rows[key] = {"config": config_name, "budget": budget_min, "runs": sorted(kept + runs, key=lambda r: r["seed"]),
+                     "macs": row.get("macs") if macs is None else macs,
+                     "params": row.get("params") if params is None else params}
+        save()
+
+    machine = machine_summary()
+
+    def done(config_name: str, budget_min: float, seed: int, sha: str) -> bool:
+        """Whether --resume keeps this run: --work holds it, of the same config file on this machine."""
+        runs = rows.get(row_key(config_name, budget_min), {}).get("runs", [])
+        return args.resume and any(r["seed"] == seed and r.get("config_sha") == sha and r.get("machine") == machine
+                                   and r["history"] for r in runs)
+
     seeds = range(args.first_seed, args.first_seed + args.seeds)
-    for config_file in args.configs:
-        for budget in budgets:
-            runs = [run_config(config_file, seed, folds, work, budget * 60) for seed in seeds]
-            add(Path(config_file).stem, budget, runs, *row_cost(config_file, runs, work, folds["A"]))
+    for config_file, config_budgets_min in plans:
+        name, sha = Path(config_file).stem, file_sha(config_file)
+        for budget in config_budgets_min:
+            for seed in seeds:
+                if done(name, budget, seed, sha):
+                    print(f"\n(--resume: {run_name(name, budget, seed)} is in {results})", flush=True)
+                    continue
+                # Each run is saved as it ends, so an interrupted table loses only the run in progress.
+                add(name, budget, [run_config(config_file, seed, folds, work, budget * 60)])
+                row = rows[row_key(name, budget)]
+                row["macs"], row["params"] = row_cost(config_file, row["runs"], work, folds["A"])
+                save()
     if not args.no_baseline:
-        views = [run_baseline(folds, seed, work, budgets, args.baseline_run_on * 60)
-                 for seed in range(args.baseline_seeds)]
-        for budget in budgets:
-            runs = [v[budget] for v in views]
-            add("tutorial baseline", budget, runs, runs[0]["macs"], runs[0]["params"])
-    add_held_out_curves(rows, work, lambda: results.write_text(json.dumps(rows, indent=1, default=str)))
+        for seed in range(args.baseline_seeds):
+            if all(done("tutorial baseline", budget, seed, file_sha(__file__)) for budget in budgets):
+                print(f"\n(--resume: the tutorial baseline, seed {seed}, is in {results})", flush=True)
+                continue
+            views = run_baseline(folds, seed, work, budgets, args.baseline_run_on * 60)
+            for budget in budgets:
+                add("tutorial baseline", budget, [views[budget]], views[budget]["macs"], views[budget]["params"])
+    add_held_out_curves(rows, work, save)
     # Rows by config (the baseline last), then budget; the summaries derive from the runs, so are never stored.
     order = sorted(rows, key=lambda k: (rows[k]["config"] == "tutorial baseline", rows[k]["config"], rows[k]["budget"]))
     rows = {k: {**rows[k], "summary": summarise(rows[k]["runs"], num_train)} for k in order}
@@ -562,7 +618,6 @@ def main(argv: list[str] | None = None) -> None:
         for run in r["runs"]:
             print(f"\n{name}, seed {run['seed']}: " + ", ".join(
                 f"{h['elapsed']:.0f}s {h['val_accuracy']:.3f}" for h in run["history"]))
-    machine = machine_summary()
     print(f"\nMachine: {machine}; {time.strftime('%Y-%m-%d')}; runs in {work}")
     print(f"Regenerate: python bench/time_to_accuracy.py {shlex.join(argv)}")
     print_table(rows)

@@ -12,7 +12,7 @@ import pytest
 from cnnlab import config
 from cnnlab.evaluation import evaluate
 from cnnlab.training import train
-from tests.conftest import REPO
+from tests.conftest import REPO, make_image_folder
 
 spec = importlib.util.spec_from_file_location("time_to_accuracy", REPO / "bench" / "time_to_accuracy.py")
 time_to_accuracy = importlib.util.module_from_spec(spec)
@@ -148,3 +148,59 @@ def test_every_kept_epoch_is_scored_as_evaluate_py_scores_the_best_checkpoint(tm
     best_epoch = json.loads((run_dir / "metrics.json").read_text())["best_epoch"]
     best = evaluate(run=str(run_dir), split="test", out=str(tmp_path / "eval"))
     assert scores[best_epoch - 1] == pytest.approx(best["accuracy"], abs=1e-9)
+
+
+def test_a_config_argument_may_carry_its_own_budgets(tmp_path):
+    path = tmp_path / "net.yaml"
+    path.write_text("training:\n  time_budget: 3\n")
+    assert time_to_accuracy.config_budgets(f"{path}@10,5", [2.0]) == (str(path), [5.0, 10.0])
+    assert time_to_accuracy.config_budgets(str(path), [2.0, 1.0]) == (str(path), [1.0, 2.0])
+    assert time_to_accuracy.config_budgets(str(path), None) == (str(path), [3.0])  # its training.time_budget
+    with pytest.raises(SystemExit) as info:
+        time_to_accuracy.config_budgets(f"{path}@ten", None)
+    assert info.value.code == 2
+
+
+TINY_FOLDER_CONFIG = """\
+data:
+  source: folder
+  image_size: [16, 16]
+  batch_size: 4
+model:
+  standard:
+    filters: [4, 8]
+training:
+  epochs: 2
+runtime:
+  log_histograms: false
+"""
+
+
+def test_resume_keeps_the_runs_of_an_unchanged_config_and_runs_a_changed_one_again(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "photos", per_class=4, size=20)
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(TINY_FOLDER_CONFIG)
+    work = tmp_path / "work"
+    args = [f"{config_file}@0.05", "--data", str(data), "--work", str(work), "--no-baseline", "--resume"]
+
+    def stored_run():
+        return json.loads((work / "results.json").read_text())["tiny @ 0.05 min"]["runs"][0]
+
+    time_to_accuracy.main(args)
+    first = stored_run()
+    assert first["history"] and "held_out_accuracy" in first["history"][-1]
+    assert first["config_sha"] == time_to_accuracy.file_sha(config_file)
+    capsys.readouterr()
+
+    time_to_accuracy.main(args)  # the same command again: nothing left to run
+    out = capsys.readouterr().out
+    assert "(--resume: tiny-0.05min-seed0 is in" in out and "train.py" not in out
+    assert stored_run() == first
+
+    config_file.write_text(TINY_FOLDER_CONFIG + "# edited: no longer the config that made the run\n")
+    time_to_accuracy.main(args)
+    out = capsys.readouterr().out
+    assert "(--resume" not in out and "train.py" in out
+    again = stored_run()
+    assert again["config_sha"] == time_to_accuracy.file_sha(config_file) != first["config_sha"]
+    assert again["history"][0]["elapsed"] != first["history"][0]["elapsed"]

@@ -22,8 +22,9 @@ halves' difference in difficulty seed by seed, which alternating seeds do only o
 With --work, results accumulate in its results.json, each run saved as it ends: a later invocation in the same
 folder (same --budget) adds its runs to the earlier ones, so `--first-seed 3 --seeds 2` adds seeds 3 and 4 to a table
 and keeps the baseline run that the speed-ups are measured against. With --resume, the same command run again skips
-the runs the folder already holds of the same config file (byte for byte, by its SHA-256) on the same machine, so a
-table that takes hours can be stopped and finished later; the command printed stays the one that makes the table.
+the runs the folder already holds of the same config (what its file sets, by a SHA-256 of the parsed YAML, so a new
+comment does not count) on the same machine: a table that takes hours can be stopped and finished later, and the
+command printed stays the one that makes the table.
 
 Each config runs through `train.py` (a fresh process per seed, as a user runs it). The baseline is the
 "Deep Learning with Python" (ch. 8) convnet trained the way the TensorFlow tutorial does it: 180x180 images from
@@ -175,9 +176,13 @@ def run_config(config_file: str, seed: int, folds: dict[str, Path], work: Path, 
 
 
 def file_sha(path: str | Path) -> str:
-    """A short fingerprint of a file's bytes: a run records its config's, so that --resume reuses only runs of the
-    config as it is now."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+    """A short fingerprint of what a config file sets (its parsed YAML; comments and layout do not count): a run
+    records its config's, so that --resume reuses only runs of the config as it is now."""
+    import yaml
+
+    text = Path(path).read_text()
+    content = yaml.safe_load(text) if Path(path).suffix in (".yaml", ".yml") else text
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def trained_size(run_dir: Path) -> int | None:
@@ -539,7 +544,7 @@ def main(argv: list[str] | None = None) -> None:
                              "(its rows count their budgets)")
     parser.add_argument("--work", type=Path, default=None, help="folder for the runs (default: a temporary one)")
     parser.add_argument("--resume", action="store_true",
-                        help="keep the runs --work already holds of the same config file (byte for byte) on the same "
+                        help="keep the runs --work already holds of the same config (the values its file sets) on the same "
                              "machine instead of running them again: an interrupted table goes on where it stopped")
     parser.add_argument("--figure", type=Path, default=None,
                         help="where the anytime figure goes (default: anytime.png in --work)")
@@ -583,7 +588,7 @@ def main(argv: list[str] | None = None) -> None:
     machine = machine_summary()
 
     def done(config_name: str, budget_min: float, seed: int, sha: str) -> bool:
-        """Whether --resume keeps this run: --work holds it, of the same config file on this machine."""
+        """Whether --resume keeps this run: --work holds it, of the same config on this machine."""
         runs = rows.get(row_key(config_name, budget_min), {}).get("runs", [])
         return args.resume and any(r["seed"] == seed and r.get("config_sha") == sha and r.get("machine") == machine
                                    and r["history"] for r in runs)

@@ -197,7 +197,11 @@ def test_resume_keeps_the_runs_of_an_unchanged_config_and_runs_a_changed_one_aga
     assert "(--resume: tiny-0.05min-seed0 is in" in out and "train.py" not in out
     assert stored_run() == first
 
-    config_file.write_text(TINY_FOLDER_CONFIG + "# edited: no longer the config that made the run\n")
+    config_file.write_text("# a comment changes nothing that runs\n" + TINY_FOLDER_CONFIG)
+    time_to_accuracy.main(args)
+    assert "(--resume: tiny-0.05min-seed0 is in" in capsys.readouterr().out
+
+    config_file.write_text(TINY_FOLDER_CONFIG.replace("epochs: 2", "epochs: 3"))  # no longer the config of the run
     time_to_accuracy.main(args)
     out = capsys.readouterr().out
     assert "(--resume" not in out and "train.py" in out

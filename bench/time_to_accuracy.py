@@ -2,8 +2,7 @@
 
     python bench/time_to_accuracy.py configs/small_data/standard.yaml --seeds 3
     python bench/time_to_accuracy.py configs/small_data/*.yaml --seeds 3 --budgets 2 5 10 --work bench-work
-    python bench/time_to_accuracy.py configs/small_data/standard.yaml configs/small_data/pointwise.yaml@10 \
-        --budgets 2 5 10 --seeds 3 --work bench-work --resume
+    python bench/time_to_accuracy.py configs/small_data/standard.yaml configs/small_data/pointwise.yaml@10 --work w
     python bench/time_to_accuracy.py configs/small_data/standard.yaml --no-baseline
     python bench/time_to_accuracy.py configs/small_data/standard.yaml --baseline-run-on 16
 
@@ -32,12 +31,12 @@ Each config runs through `train.py` (a fresh process per seed, as a user runs it
 with max pooling, Flatten, Dropout(0.5), a sigmoid unit, RMSprop, batch 32.
 
 Each budget (`CONFIG@MINUTES` for one config, else --budgets, else the config's `training.time_budget`) is a full
-run of that config with that `training.time_budget`, so its learning-rate schedule and progressive stages end with it: such a run stops
-itself after the step that spends the budget, and every epoch that started within the budget counts. The table has
-a row per config and budget. The baseline is stopped from outside, and one run of it serves every budget: its row
-at a budget counts the epochs that ended within it and scores the best of those. It may be told to train on past
-the largest budget (`--baseline-run-on`), so that the speed-up to 75% has a measured time on both sides rather than
-a lower bound.
+run of that config with that `training.time_budget`, so its learning-rate schedule and progressive stages end with
+it: such a run stops itself after the step that spends the budget, and every epoch that started within the budget
+counts. The table has a row per config and budget. The baseline is stopped from outside, and one run of it serves
+every budget: its row at a budget counts the epochs that ended within it and scores the best of those. It may be
+told to train on past the largest budget (`--baseline-run-on`), so that the speed-up to 75% has a measured time on
+both sides rather than a lower bound.
 
 The figure to compare configs by is *held-out, both ways*: per seed, the mean of the picked checkpoint scored on the
 held-out half and the checkpoint the held-out half would pick scored on the picking half (every epoch is scored on
@@ -544,8 +543,9 @@ def main(argv: list[str] | None = None) -> None:
                              "(its rows count their budgets)")
     parser.add_argument("--work", type=Path, default=None, help="folder for the runs (default: a temporary one)")
     parser.add_argument("--resume", action="store_true",
-                        help="keep the runs --work already holds of the same config (the values its file sets) on the same "
-                             "machine instead of running them again: an interrupted table goes on where it stopped")
+                        help="keep the runs --work already holds of the same config (the values its file sets) on "
+                             "the same machine instead of running them again: an interrupted table goes on where "
+                             "it stopped")
     parser.add_argument("--figure", type=Path, default=None,
                         help="where the anytime figure goes (default: anytime.png in --work)")
     parser.add_argument("--baseline-child", action="store_true", help=argparse.SUPPRESS)
@@ -561,6 +561,8 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"--budgets: minutes must be positive. Received: {min(budgets):g}")
     if args.baseline_child:
         return baseline_child(args.data, args.seed, budgets, args.baseline_run_on * 60, args.work)
+    if args.resume and args.work is None:
+        fail("--resume goes on with the runs of a --work folder: name it (--work DIR)")
     if not args.data.is_dir():
         fail(f"--data {args.data} is not a folder (the photos: train/ and val/ with cats/ and dogs/)")
 

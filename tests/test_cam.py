@@ -42,7 +42,8 @@ def quadrant_of_peak(maps: np.ndarray) -> np.ndarray:
     return rows // (SIZE // 2) * 2 + cols // (SIZE // 2)
 
 
-def trained_on_quadrants(*sets: str, learning_rate: float = 0.003, frozen: str | None = None) -> keras.Model:
+def trained_on_quadrants(*sets: str, learning_rate: float = 0.003, epochs: int = 4,
+                          frozen: str | None = None) -> keras.Model:
     """A small net of a family (`sets`), trained for a few seconds on 768 images of the quadrant task.
 
     `frozen` names a transfer model's frozen backbone: only the layers after it learn, so they are trained on its
@@ -64,7 +65,7 @@ def trained_on_quadrants(*sets: str, learning_rate: float = 0.003, frozen: str |
         features = keras.Sequential(layers[:cut]).predict(images, batch_size=64, verbose=0)
         learner, inputs = keras.Sequential([keras.Input(features.shape[1:]), *layers[cut:]]), features
     compile_model(learner, cfg["training"], 2, steps_per_epoch=24)
-    learner.fit(inputs, labels[:, None].astype(np.float32), batch_size=32, epochs=4, verbose=0)
+    learner.fit(inputs, labels[:, None].astype(np.float32), batch_size=32, epochs=epochs, verbose=0)
     return model
 
 
@@ -145,14 +146,15 @@ def test_the_standard_net_looks_at_the_quadrant_that_holds_the_evidence(standard
     assert (quadrant_of_peak(smooth) == quadrants[:20]).mean() >= 0.8
 
 
-@pytest.mark.parametrize("family, sets, learning_rate, layer", [
-    ("pointwise", ["model.pointwise.stem_filters=16", "model.pointwise.filters=[16,32,32]"], 0.003,
+# Over seeds 0-2, pointwise learns the task in 2 epochs (100%, 96-100 hits); separable needs 4 (at 2: 50-100%).
+@pytest.mark.parametrize("family, sets, learning_rate, epochs, layer", [
+    ("pointwise", ["model.pointwise.stem_filters=16", "model.pointwise.filters=[16,32,32]"], 0.003, 2,
      "stage3_block1_out"),
     ("separable", ["model.separable.stem_filters=16", "model.separable.stem_strides=1",
-                   "model.separable.filters=[16,32,32]"], 0.01, "stage3_block1_pointwise_act"),
+                   "model.separable.filters=[16,32,32]"], 0.01, 4, "stage3_block1_pointwise_act"),
 ])
-def test_pointwise_and_separable_nets_look_at_the_evidence_too(family, sets, learning_rate, layer):
-    model = trained_on_quadrants(f"model.name={family}", *sets, learning_rate=learning_rate)
+def test_pointwise_and_separable_nets_look_at_the_evidence_too(family, sets, learning_rate, epochs, layer):
+    model = trained_on_quadrants(f"model.name={family}", *sets, learning_rate=learning_rate, epochs=epochs)
     assert_points_at_the_evidence(model, layer, accuracy=0.9)
 
 

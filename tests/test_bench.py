@@ -181,10 +181,10 @@ def test_resume_keeps_the_runs_of_an_unchanged_config_and_runs_a_changed_one_aga
     config_file = tmp_path / "tiny.yaml"
     config_file.write_text(TINY_FOLDER_CONFIG)
     work = tmp_path / "work"
-    args = [f"{config_file}@0.05", "--data", str(data), "--work", str(work), "--no-baseline", "--resume"]
+    args = [f"{config_file}@0.02", "--data", str(data), "--work", str(work), "--no-baseline", "--resume"]
 
     def stored_run():
-        return json.loads((work / "results.json").read_text())["tiny @ 0.05 min"]["runs"][0]
+        return json.loads((work / "results.json").read_text())["tiny @ 0.02 min"]["runs"][0]
 
     time_to_accuracy.main(args)
     first = stored_run()
@@ -194,12 +194,12 @@ def test_resume_keeps_the_runs_of_an_unchanged_config_and_runs_a_changed_one_aga
 
     time_to_accuracy.main(args)  # the same command again: nothing left to run
     out = capsys.readouterr().out
-    assert "(--resume: tiny-0.05min-seed0 is in" in out and "train.py" not in out
+    assert "(--resume: tiny-0.02min-seed0 is in" in out and "train.py" not in out
     assert stored_run() == first
 
     config_file.write_text("# a comment changes nothing that runs\n" + TINY_FOLDER_CONFIG)
     time_to_accuracy.main(args)
-    assert "(--resume: tiny-0.05min-seed0 is in" in capsys.readouterr().out
+    assert "(--resume: tiny-0.02min-seed0 is in" in capsys.readouterr().out
 
     config_file.write_text(TINY_FOLDER_CONFIG.replace("epochs: 2", "epochs: 3"))  # no longer the config of the run
     time_to_accuracy.main(args)

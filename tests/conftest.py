@@ -9,12 +9,13 @@ import sys
 from pathlib import Path
 
 # pytest-xdist runs one worker per core (pytest.ini); each worker's TensorFlow (and the CLIs it starts, which inherit
-# this environment) would otherwise size its thread pools to every core, so N workers would run N x N busy threads on
-# N cores and spend the difference spinning and switching. Each worker gets its share of the cores instead.
+# this environment) would otherwise size its compute thread pool to every core, so N workers would run N x N busy
+# threads on N cores and spend the difference spinning and switching. Each worker gets its share of the cores instead.
+# The inter-op pool keeps TensorFlow's default: its threads mostly wait, and too few of them can deadlock ops that block.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     _THREADS = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
-    for _name in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    for _name in ("TF_NUM_INTRAOP_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ.setdefault(_name, _THREADS)
 
 import numpy as np

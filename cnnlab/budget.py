@@ -68,6 +68,10 @@ class TimeBudget(keras.callbacks.Callback):
     """Drives one phase of a budgeted run: sets the learning rate before every batch from the time spent, ends the
     phase at the first epoch end past its share, and stops the run after the batch that spends the budget.
 
+    The clock is read once as training starts, after every batch and at every epoch end, on every worker alike (so a
+    clock agreed between workers, `Distribution.agreed_clock`, costs one exchange a batch); a batch's learning rate
+    comes from the reading after the batch before it.
+
     Args:
         plan: the run's `BudgetPlan`.
         budget_s: the budget, in seconds.
@@ -85,9 +89,10 @@ class TimeBudget(keras.callbacks.Callback):
         self.schedule, self.schedule_start = schedule, schedule_start
         self.steps_per_epoch, self.phase_end = steps_per_epoch, phase_end
         self.spent = False
+        self.now = 0.0  # the latest reading of the clock
 
     def position(self) -> float:
-        return self.plan.position(self.clock() / self.budget_s)
+        return self.plan.position(self.now / self.budget_s)
 
     def learning_rate(self) -> float:
         if not callable(self.schedule):
@@ -95,15 +100,20 @@ class TimeBudget(keras.callbacks.Callback):
         step = max(self.position() - self.schedule_start, 0.0) * self.steps_per_epoch
         return float(self.schedule(step))
 
+    def on_train_begin(self, logs=None):
+        self.now = self.clock()
+
     def on_train_batch_begin(self, batch, logs=None):
         self.model.optimizer.learning_rate = self.learning_rate()
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.clock() >= self.budget_s:
+        self.now = self.clock()
+        if self.now >= self.budget_s:
             self.spent = True
             self.model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):
+        self.now = self.clock()
         if self.position() >= self.phase_end:
             self.model.stop_training = True
 

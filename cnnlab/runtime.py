@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import keras
 import tensorflow as tf
@@ -93,6 +94,26 @@ class Distribution:
     @property
     def num_replicas(self) -> int:
         return self.strategy.num_replicas_in_sync
+
+    def agreed_clock(self, clock: Callable[[], float]) -> Callable[[], float]:
+        """`clock` as every worker reads it. Workers start at different moments and never read their clocks at the
+        same instant, so under several workers each reading is the latest of theirs (one all-gather per read): what
+        a time budget decides from it (the learning rate, the last step) is then the same on every worker, as their
+        collective steps need. Every worker must read it at the same points of training. One worker: `clock` itself.
+        """
+        if not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return clock
+        strategy = self.strategy
+
+        @tf.function
+        def latest(reading):
+            return tf.reduce_max(tf.distribute.get_replica_context().all_gather(reading[None], axis=0))
+
+        def read() -> float:
+            per_replica = strategy.run(latest, args=(tf.constant(clock(), tf.float64),))
+            return float(strategy.experimental_local_results(per_replica)[0])
+
+        return read
 
 
 def _tf_config() -> dict | None:

@@ -641,10 +641,13 @@ def _train_in(cfg: dict, data: Datasets, run: RunDir, out: RunDir, state: dict, 
     if budget_s and not state["epoch"]:
         print(f"Time budget: {budget_s / 60:g} min; the plan's {total_epochs} epochs are shares of it.", flush=True)
 
+    # What decides a budgeted run's course is read off one clock that every worker agrees on.
+    clock = dist.agreed_clock(checkpoint.elapsed)
+
     def phase_done(phase: dict) -> bool:
         if budget_s is None:
             return state["epoch"] >= phase["end"]
-        spent = checkpoint.elapsed()
+        spent = clock()
         return spent >= budget_s or plan.position(spent / budget_s) >= phase["end"]
 
     for index, phase in enumerate(phases):
@@ -689,7 +692,7 @@ def _train_in(cfg: dict, data: Datasets, run: RunDir, out: RunDir, state: dict, 
         if budget_s:
             # Time, not an epoch count, ends a budgeted phase: fit() gets room for more epochs than any machine
             # fits, and the run prints its own line per epoch (Keras's would count towards that cap).
-            timer = TimeBudget(plan, budget_s, checkpoint.elapsed, lr_schedule(phase["training"], data.steps_per_epoch),
+            timer = TimeBudget(plan, budget_s, clock, lr_schedule(phase["training"], data.steps_per_epoch),
                                phase["start"], data.steps_per_epoch, phase["end"])
             phase_callbacks = [*phase_callbacks, timer, EpochLine(budget_s, checkpoint.elapsed)]
             epochs, verbose = state["epoch"] + 100_000, 0

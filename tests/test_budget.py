@@ -77,9 +77,13 @@ def test_the_budgeted_learning_rate_is_the_epoch_schedule_at_the_plan_position()
     seconds = [0.0]
     timer = TimeBudget(plan, 60.0, lambda: seconds[0], schedule, 0, 10, 6)
     seconds[0] = 5.0  # 1/12 of the budget: half-way through the one warmup epoch of six
+    timer.on_train_begin()
     assert timer.learning_rate() == pytest.approx(float(schedule(5)))
     assert timer.learning_rate() == pytest.approx(cfg["training"]["learning_rate"] / 2, rel=1e-5)
     seconds[0] = 60.0
+    # The rate follows the clock's readings (after each batch, so that workers can agree on them), not the clock.
+    assert timer.learning_rate() == pytest.approx(float(schedule(5)))
+    timer.on_train_begin()
     assert timer.learning_rate() == pytest.approx(0.0, abs=1e-9)
 
 

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -114,6 +115,10 @@ def test_two_local_workers_train_a_budget_at_the_configs_own_size(tmp_path):
                              "training.downsize.sizes=[16, 24]", "--set", "training.downsize.min_epochs=1000")
     for out in outs:
         assert "training.downsize is not used across several workers" in out and "a training step at" not in out
+    # The workers' clocks start apart; the budget's decisions come from one clock they agree on, so each worker
+    # trained the same epochs at the same learning rates, and they stopped together.
+    rates = [re.findall(r"^Epoch (\d+) \(.*?, lr ([^,]+),", out, re.M) for out in outs]
+    assert len(rates[0]) >= 2 and rates[0] == rates[1], outs
     run_dir = tmp_path / "runs" / "mwd"
     assert config.resolve([str(run_dir / "config.yaml")])["data"]["image_size"] == [32, 32]
     assert history(run_dir)

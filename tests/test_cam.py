@@ -11,6 +11,7 @@ from cnnlab.cam import find_target_layer, grad_cam, saliency
 from cnnlab.errors import UserError
 from cnnlab.modeling import build_model
 from cnnlab.training import compile_model
+from models.transfer import find_backbone
 from tests.conftest import REPO, assert_user_error, run_cli_in_process, write_image
 
 SIZE = 64
@@ -43,11 +44,12 @@ def quadrant_of_peak(maps: np.ndarray) -> np.ndarray:
 
 
 def trained_on_quadrants(*sets: str, learning_rate: float = 0.003, epochs: int = 4,
-                          frozen: str | None = None) -> keras.Model:
+                          head_only: bool = False) -> keras.Model:
     """A small net of a family (`sets`), trained for a few seconds on 768 images of the quadrant task.
 
-    `frozen` names a transfer model's frozen backbone: only the layers after it learn, so they are trained on its
-    features, computed once, rather than running the backbone again every epoch (the same training, 4x cheaper).
+    `head_only`, for a transfer model with a frozen backbone: only the layers after the backbone learn, so they are
+    trained on its features, computed once, rather than running the backbone again every epoch (the same training,
+    4x cheaper).
     """
     cfg = config.resolve([], ["data.source=synthetic", f"data.image_size=[{SIZE},{SIZE}]", "augment.flip=none",
                               "training.optimizer=adam", f"training.learning_rate={learning_rate}",
@@ -56,11 +58,11 @@ def trained_on_quadrants(*sets: str, learning_rate: float = 0.003, epochs: int =
     model = build_model(cfg, 2)
     images, labels, _ = quadrant_task(768, seed=1)
     learner, inputs = model, images
-    if frozen:
-        net = next(m for m in (model, *model.layers)
-                   if isinstance(m, keras.Model) and frozen in (layer.name for layer in m.layers))
+    if head_only:
+        backbone = find_backbone(model)
+        net = next(m for m in (model, *model.layers) if isinstance(m, keras.Model) and backbone in m.layers)
         layers = net.layers[1:]  # a chain: preprocessing, the backbone, then the head
-        cut = layers.index(net.get_layer(frozen)) + 1
+        cut = layers.index(backbone) + 1
         assert not layers[cut - 1].trainable and all(layer.trainable for layer in layers[cut:])
         features = keras.Sequential(layers[:cut]).predict(images, batch_size=64, verbose=0)
         learner, inputs = keras.Sequential([keras.Input(features.shape[1:]), *layers[cut:]]), features
@@ -173,7 +175,7 @@ def test_a_transfer_net_looks_at_the_evidence_through_its_nested_backbone():
     # cell per quadrant, and the head learns the task on it in 4 epochs (92-100% over seeds 0-2; the map's peak in
     # the right quadrant for 59-64 of 100 images). Unfreezing conv5 costs 40 ms an image a step here, 8x the rest.
     model = trained_on_quadrants("model.name=transfer", "model.transfer.backbone=resnet50",
-                                 "model.transfer.weights=null", frozen="resnet50")
+                                 "model.transfer.weights=null", head_only=True)
     assert_points_at_the_evidence(model, "resnet50/conv5_block3_out", accuracy=0.85)
 
 

@@ -6,7 +6,8 @@
 Part 1 trains each config on in-memory batches (so only the model is timed) for --steps steps after a warm-up,
 alternating precisions, and reports the median of --rounds. It then takes the first config apart (without its
 augmentation layers, then also without batch norm, then its convolutions alone in a single Conv2D step) to show
-which parts bfloat16 speeds up and which it does not. Part 2 trains the standard config's model through
+which parts bfloat16 speeds up and which it does not, and times the same network with its batch norm computed by
+TensorFlow's one-kernel FusedBatchNormV3 instead of Keras's composite (checked to compute the same first). Part 2 trains the standard config's model through
 `train.py`'s code path and the way the TensorFlow tutorial does it (image_dataset_from_directory + model.fit, no
 cache, float32), for the same epochs and image size, on the shared photos, and compares images/s.
 """
@@ -51,13 +52,17 @@ def fit_rate(model: keras.Model, x: tf.Tensor, y: tf.Tensor, steps: int) -> floa
     return steps * int(x.shape[0]) / (time.perf_counter() - start)
 
 
-def model_rate(cfg: dict, precision: str, steps: int, batch: int, augmentation: bool = True) -> float:
-    """Images/s of a config's whole model under `precision`, or of its family network alone (no augmentation)."""
+def model_rate(cfg: dict, precision: str, steps: int, batch: int, augmentation: bool = True,
+               fused_batch_norm: bool = False) -> float:
+    """Images/s of a config's whole model under `precision`, or of its family network alone (no augmentation),
+    optionally with its batch norm computed by TensorFlow's fused kernel (`FusedBatchNorm`)."""
     set_precision(precision)
     keras.utils.set_random_seed(0)
     model = build_model(cfg, 2)
     if not augmentation:
         model = family_network(model)
+    if fused_batch_norm:
+        model = with_fused_batch_norm(model)
     compile_model(model, cfg["training"], 2, steps_per_epoch=steps, jit_compile=cfg["runtime"]["jit_compile"])
     h, w = model.input_shape[1:3]
     x = tf.constant(np.random.default_rng(0).uniform(0, 255, (batch, h, w, 3)).astype("float32"))
@@ -65,6 +70,58 @@ def model_rate(cfg: dict, precision: str, steps: int, batch: int, augmentation: 
     rate = fit_rate(model, x, y, steps)
     set_precision("float32")
     return rate
+
+
+class FusedBatchNorm(keras.layers.BatchNormalization):
+    """Keras's batch norm, computed by TensorFlow's FusedBatchNormV3 kernel on 4-D channels-last inputs.
+
+    Keras composes batch norm from `moments` and elementwise ops, and under mixed precision casts every activation
+    to float32 and back for the statistics: several passes over memory each way. The fused kernel takes bfloat16 or
+    float32 activations with float32 statistics in one op forward and one backward. Same variables and results
+    (`matches_keras` checks), so the bench can time one against the other.
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        if len(inputs.shape) != 4 or self.axis not in (3, -1) or mask is not None:
+            return super().call(inputs, training=training, mask=mask)
+        gamma = tf.cast(self.gamma, "float32") if self.scale else tf.ones(inputs.shape[-1])
+        beta = tf.cast(self.beta, "float32") if self.center else tf.zeros(inputs.shape[-1])
+        if training and self.trainable:
+            outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+                inputs, gamma, beta, epsilon=self.epsilon, is_training=True)
+            # The kernel returns the unbiased (n-1) variance; Keras's moving average takes the biased one.
+            n = tf.cast(tf.size(inputs) // tf.shape(inputs)[-1], "float32")
+            variance = variance * (n - 1.0) / n
+            self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
+            self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
+            return outputs
+        outputs, _, _ = tf.compat.v1.nn.fused_batch_norm(
+            inputs, gamma, beta, mean=tf.cast(self.moving_mean, "float32"),
+            variance=tf.cast(self.moving_variance, "float32"), epsilon=self.epsilon, is_training=False)
+        return outputs
+
+
+def with_fused_batch_norm(model: keras.Model) -> keras.Model:
+    """A copy of `model`, weights included, whose BatchNormalization layers are `FusedBatchNorm`."""
+    def clone(layer):
+        if type(layer) is keras.layers.BatchNormalization:
+            return FusedBatchNorm.from_config(layer.get_config())
+        return layer.__class__.from_config(layer.get_config())
+
+    fused = keras.models.clone_model(model, clone_function=clone)
+    fused.set_weights(model.get_weights())
+    return fused
+
+
+def matches_keras(model: keras.Model, x: tf.Tensor) -> float:
+    """Largest difference between `model` and its fused-batch-norm copy: outputs in training and inference mode and
+    the moving statistics after one training-mode call (0 up to float32 rounding when they compute the same)."""
+    fused = with_fused_batch_norm(model)
+    differences = [np.max(np.abs(np.asarray(model(x, training=True)) - np.asarray(fused(x, training=True))))]
+    differences += [np.max(np.abs(np.asarray(a) - np.asarray(b))) for a, b in
+                    zip(model.non_trainable_weights, fused.non_trainable_weights)]
+    differences.append(np.max(np.abs(np.asarray(model(x, training=False)) - np.asarray(fused(x, training=False)))))
+    return float(max(differences))
 
 
 def conv_rate(precision: str, size: int, batch: int, channels: int, steps: int) -> float:
@@ -103,16 +160,24 @@ def bench_config(name: str, args, sets: list[str] = ()) -> dict:
 def why_bfloat16(args, name: str) -> None:
     """Where bfloat16 helps: the config's model with parts removed, and a convolution alone, in both precisions."""
     family = bench_config(name, args)["model"]["name"]
-    variants = {  # label: (config overrides, augmentation layers kept)
-        "whole model (augmentation layers included)": ([], True),
-        "without the augmentation layers": ([], False),
-        "... and without batch norm": ([f"model.{family}.batch_norm=false"], False),
+    variants = {  # label: (config overrides, augmentation layers kept, fused batch norm)
+        "whole model (augmentation layers included)": ([], True, False),
+        "without the augmentation layers": ([], False, False),
+        "... with TensorFlow's fused batch norm": ([], False, True),
+        "... and without batch norm": ([f"model.{family}.batch_norm=false"], False, False),
     }
-    print(f"\nWhere bfloat16 helps, {name} ({args.size}x{args.size}, batch {args.batch}, median of {args.rounds})")
+    cfg = bench_config(name, args)
+    set_precision("float32")
+    keras.utils.set_random_seed(0)
+    network = family_network(build_model(cfg, 2))
+    x = tf.constant(np.random.default_rng(0).uniform(0, 1, (4, *network.input_shape[1:])).astype("float32"))
+    difference = matches_keras(network, x)
+    print(f"\nWhere bfloat16 helps, {name} ({args.size}x{args.size}, batch {args.batch}, median of {args.rounds}); "
+          f"fused and Keras batch norm differ by at most {difference:.1e} (float32)")
     print(f"{'variant':<46} {'float32':>10} {'bfloat16':>10} {'bf16/f32':>9}")
-    for label, (sets, augmentation) in variants.items():
+    for label, (sets, augmentation, fused) in variants.items():
         cfg = bench_config(name, args, sets)
-        rates = median_rates(lambda p: model_rate(cfg, p, args.steps, args.batch, augmentation), args.rounds)
+        rates = median_rates(lambda p: model_rate(cfg, p, args.steps, args.batch, augmentation, fused), args.rounds)
         print_row(label, rates, 46)
     for channels, size in ((32, args.size), (128, args.size // 4)):
         rates = median_rates(lambda p: conv_rate(p, size, args.batch, channels, args.steps), args.rounds)

@@ -208,3 +208,37 @@ def test_resume_keeps_the_runs_of_an_unchanged_config_and_runs_a_changed_one_aga
     again = stored_run()
     assert again["config_sha"] == time_to_accuracy.file_sha(config_file) != first["config_sha"]
     assert again["history"][0]["elapsed"] != first["history"][0]["elapsed"]
+
+
+def test_the_speed_benchs_fused_batch_norm_computes_what_keras_batch_norm_does():
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    spec = importlib.util.spec_from_file_location("training_speed", REPO / "bench" / "training_speed.py")
+    training_speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(training_speed)
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((12, 12, 3))
+    x = keras.layers.Conv2D(8, 3, use_bias=False)(inputs)
+    x = keras.layers.BatchNormalization(momentum=0.9)(x)
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.ReLU()(x))
+    model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(x))
+    images = tf.constant(np.random.default_rng(0).uniform(0, 1, (4, 12, 12, 3)).astype("float32"))
+    # A few training-mode calls move the moving statistics away from their start, so that inference uses them.
+    for _ in range(3):
+        model(images * 2 + 1, training=True)
+
+    fused = training_speed.with_fused_batch_norm(model)
+    assert [type(layer).__name__ for layer in fused.layers].count("FusedBatchNorm") == 1
+    assert training_speed.matches_keras(model, images) < 1e-5
+
+    def kernel_gradient(m):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(m(images, training=True))
+        return np.asarray(tape.gradient(loss, m.trainable_weights[0]))
+
+    expected = kernel_gradient(model)
+    assert np.abs(expected).max() > 1e-4
+    np.testing.assert_allclose(kernel_gradient(training_speed.with_fused_batch_norm(model)), expected, atol=1e-6)

@@ -7,9 +7,10 @@ Part 1 trains each config on in-memory batches (so only the model is timed) for 
 alternating precisions, and reports the median of --rounds. It then takes the first config apart (without its
 augmentation layers, then also without batch norm, then its convolutions alone in a single Conv2D step) to show
 which parts bfloat16 speeds up and which it does not, and times the same network with its batch norm computed by
-TensorFlow's one-kernel FusedBatchNormV3 instead of Keras's composite (checked to compute the same first). Part 2 trains the standard config's model through
-`train.py`'s code path and the way the TensorFlow tutorial does it (image_dataset_from_directory + model.fit, no
-cache, float32), for the same epochs and image size, on the shared photos, and compares images/s.
+TensorFlow's one-kernel FusedBatchNormV3 instead of Keras's composite (checked to compute the same first).
+Part 2 trains the standard config's model through `train.py`'s code path and the way the TensorFlow tutorial does
+it (image_dataset_from_directory + model.fit, no cache, float32), for the same epochs and image size, on the
+shared photos, and compares images/s.
 """
 
 from __future__ import annotations

@@ -14,9 +14,15 @@ from cnnlab.evaluation import evaluate
 from cnnlab.training import train
 from tests.conftest import REPO, make_image_folder
 
-spec = importlib.util.spec_from_file_location("time_to_accuracy", REPO / "bench" / "time_to_accuracy.py")
-time_to_accuracy = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(time_to_accuracy)
+def load_bench(name: str):
+    """A script of bench/ (a folder of scripts, not a package) as a module."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+time_to_accuracy = load_bench("time_to_accuracy")
 
 
 def names(folder):
@@ -215,9 +221,7 @@ def test_the_speed_benchs_fused_batch_norm_computes_what_keras_batch_norm_does()
     import numpy as np
     import tensorflow as tf
 
-    spec = importlib.util.spec_from_file_location("training_speed", REPO / "bench" / "training_speed.py")
-    training_speed = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(training_speed)
+    training_speed = load_bench("training_speed")
 
     keras.utils.set_random_seed(0)
     inputs = keras.Input((12, 12, 3))

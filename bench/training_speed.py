@@ -161,11 +161,13 @@ def bench_config(name: str, args, sets: list[str] = ()) -> dict:
 def why_bfloat16(args, name: str) -> None:
     """Where bfloat16 helps: the config's model with parts removed, and a convolution alone, in both precisions."""
     family = bench_config(name, args)["model"]["name"]
-    variants = {  # label: (config overrides, augmentation layers kept, fused batch norm)
+    # label: (config overrides, augmentation layers kept, fused batch norm); each "..." row changes one thing in
+    # the row "without the augmentation layers", so that a row's ratio to it is that one thing's cost
+    variants = {
         "whole model (augmentation layers included)": ([], True, False),
         "without the augmentation layers": ([], False, False),
         "... with TensorFlow's fused batch norm": ([], False, True),
-        "... and without batch norm": ([f"model.{family}.batch_norm=false"], False, False),
+        "... without batch norm": ([f"model.{family}.batch_norm=false"], False, False),
     }
     cfg = bench_config(name, args)
     set_precision("float32")

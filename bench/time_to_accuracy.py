@@ -418,6 +418,15 @@ def fmt_stat(s, percent=False, digits=1) -> str:
     return f"{mean * scale:.{digits}f}" + (f" ± {std * scale:.{digits}f}" if n > 1 else "")
 
 
+def resumable(rows: dict, config_name: str, budget_min: float, seed: int, sha: str, machine: str) -> bool:
+    """Whether --resume keeps a run: the results (`rows`, as results.json holds them) have this seed's run of the
+    config as it is now (`sha`, see `file_sha`) at this budget, made on this machine (`machine_summary()`), with at
+    least one epoch."""
+    runs = rows.get(row_key(config_name, budget_min), {}).get("runs", [])
+    return any(r["seed"] == seed and r.get("config_sha") == sha and r.get("machine") == machine and r["history"]
+               for r in runs)
+
+
 def row_key(config_name: str, budget_min: float) -> str:
     return f"{config_name} @ {budget_min:g} min"
 
@@ -590,10 +599,7 @@ def main(argv: list[str] | None = None) -> None:
     machine = machine_summary()
 
     def done(config_name: str, budget_min: float, seed: int, sha: str) -> bool:
-        """Whether --resume keeps this run: --work holds it, of the same config on this machine."""
-        runs = rows.get(row_key(config_name, budget_min), {}).get("runs", [])
-        return args.resume and any(r["seed"] == seed and r.get("config_sha") == sha and r.get("machine") == machine
-                                   and r["history"] for r in runs)
+        return args.resume and resumable(rows, config_name, budget_min, seed, sha, machine)
 
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     for config_file, config_budgets_min in plans:

@@ -30,7 +30,8 @@ sys.path.insert(0, str(REPO))
 # pytest-xdist's --dist loadfile hands whole files to the workers, in collection order (--no-loadscope-reorder in
 # pytest.ini: by default it hands out the files with the most tests first, which put the few slow files that train
 # nets last and left one worker idle for their length). So the slowest files come first, longest first, and the last
-# files handed out are short ones. Seconds per file on 2 cores (Zen 3), 2026-12-04; a new slow file belongs here.
+# files handed out are short ones. Ordered by each file's time on 2 cores (Zen 3), 2026-12-04; a new slow file
+# belongs here.
 SLOWEST_FIRST = ("test_cam.py", "test_reliability.py", "test_evaluation.py", "test_families_on_photos.py",
                  "test_export.py", "test_runtime.py", "test_training.py", "test_bench.py", "test_runs.py",
                  "test_budget.py", "test_transfer.py", "test_commit.py", "test_plots.py", "test_models.py",
